@@ -1,0 +1,1 @@
+"""The training loop, the jitted update step, the device mesh and logging."""
