@@ -1,0 +1,16 @@
+"""Optax combinators for lookahead policy updates; they know nothing of models or RL."""
+
+from gxpo.optim.gate import GateState, ZScoreGate
+from gxpo.optim.gxpo import GXPOInfo, GXPOState, gxpo
+from gxpo.optim.sfpo import SFPOInfo, SFPOState, sfpo
+
+__all__ = [
+    "GXPOInfo",
+    "GXPOState",
+    "GateState",
+    "SFPOInfo",
+    "SFPOState",
+    "ZScoreGate",
+    "gxpo",
+    "sfpo",
+]

@@ -1,0 +1,292 @@
+"""GXPO: Gradient Extrapolation-Based Policy Optimization, as an Optax combinator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gxpo.optim import _common
+from gxpo.optim.gate import GateState, ZScoreGate
+
+_PROBE_STATES = ("keep", "restore")
+
+
+class GXPOInfo(NamedTuple):
+    """Diagnostics of the latest step; every field a scalar array."""
+
+    active: jax.Array  # int32: 1 if this step extrapolated (gate on)
+    fallback: jax.Array  # int32: 1 if a non-finite probe forced the plain inner step
+    grad_evals: jax.Array  # int32: gradient evaluations this step (3 active, 1 inactive)
+    retention_mean: jax.Array  # float32: mean of r = g1 / g0 over active coordinates
+    retention_std: jax.Array  # float32: population std of r over active coordinates
+    scale_mean: jax.Array  # float32: mean of the scale s over all coordinates
+    inactive_fraction: jax.Array  # float32: fraction of coordinates outside the active set
+    corrective_norm: jax.Array  # float32: ||g_tilde||
+    initial_norm: jax.Array  # float32: ||g0||
+    cos_corrective_initial: jax.Array  # float32: cos(g_tilde, g0)
+    displacement_norm: jax.Array  # float32: ||theta2 - theta0||
+    gate_z: jax.Array  # float32: z-score of ||g_tilde|| against the gate's window
+
+
+class GXPOState(NamedTuple):
+    inner_state: optax.OptState  # state of the wrapped optimizer
+    gate: GateState | optax.EmptyState  # EmptyState when gate=None
+    info: GXPOInfo  # diagnostics of the latest step
+
+
+def _empty_info(initial_norm: jax.Array | float = 0.0) -> GXPOInfo:
+    zero_i = jnp.zeros((), jnp.int32)
+    zero_f = jnp.zeros((), jnp.float32)
+    return GXPOInfo(
+        active=zero_i,
+        fallback=zero_i,
+        grad_evals=jnp.ones((), jnp.int32),
+        retention_mean=zero_f,
+        retention_std=zero_f,
+        scale_mean=zero_f,
+        inactive_fraction=zero_f,
+        corrective_norm=zero_f,
+        initial_norm=jnp.asarray(initial_norm, jnp.float32),
+        cos_corrective_initial=zero_f,
+        displacement_norm=zero_f,
+        gate_z=zero_f,
+    )
+
+
+def _geometric_sum(r: jax.Array, n: int) -> jax.Array:
+    """S_n(r) = 1 + r + ... + r^(n-1) by Horner's rule (no division, exact at r = 1)."""
+    s = jnp.ones_like(r)
+    for _ in range(n - 1):
+        s = 1.0 + r * s
+    return s
+
+
+def _check_pair(name: str, value: Any) -> tuple[float | None, float | None]:
+    try:
+        lo, hi = value
+    except (TypeError, ValueError):
+        raise ValueError(f"gxpo: `{name}` must be a pair (low, high), got {value!r}.") from None
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"gxpo: `{name}` must have low <= high, got {value!r}.")
+    return lo, hi
+
+
+def gxpo(
+    inner: optax.GradientTransformation,
+    loss_fn: Callable[..., Any] | None = None,
+    *,
+    virtual_depth: int = 5,
+    reposition: float = 0.5,
+    active_threshold: float = 1e-3,
+    ratio_clip: tuple[float | None, float | None] = (-2.0, 3.0),
+    scale_clip: tuple[float | None, float | None] = (1.0, None),
+    gate: ZScoreGate | None = ZScoreGate(),  # noqa: B008 (immutable NamedTuple)
+    probe_state: str = "keep",
+    has_aux: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Gradient Extrapolation-Based Policy Optimization (GXPO).
+
+    Approximates K steps of ``inner`` on one fixed batch with three gradient
+    evaluations. From the caller's gradient :math:`g_0` at :math:`\theta_0`, it
+    takes two real inner steps, reads off each coordinate's gradient retention
+    ratio, extrapolates the displacement to K steps as if every coordinate's
+    gradient decayed geometrically, moves part of the way there, and finishes
+    with one corrective inner step::
+
+      u_0, S_1 = inner.update(g_0, S_0, θ_0);        θ_1 = θ_0 + u_0
+      g_1      = ∇L(θ_1)
+      u_1, S_2 = inner.update(g_1, S_1, θ_1);        θ_2 = θ_1 + u_1
+      d        = θ_2 - θ_0
+      active   = |g_0| > τ · RMS(g_0 over its leaf)  and  g_0 ≠ 0
+      r        = clip(g_1 / g_0, *ratio_clip) on active coordinates, else 1
+      s        = clip(S_K(r) / S_2(r), *scale_clip) on active coordinates, else 1
+                 with S_n(r) = 1 + r + ... + r^(n-1)
+      θ̂        = θ_0 + s · d                         (predicted K-step point)
+      θ̃        = θ_0 + α (θ̂ - θ_0)                   (reposition)
+      g̃        = ∇L(θ̃)
+      u_2, S_3 = inner.update(g̃, S_c, θ̃);           θ_new = θ̃ + u_2
+
+    where ``S_c = S_2`` (``probe_state="keep"``) or ``S_0`` (``"restore"``).
+    The returned updates are ``θ_new - θ_0``, so ``optax.apply_updates(params,
+    updates)`` gives ``θ_new`` and the combinator composes like any transform.
+    Products, ratios and clips are per coordinate. With ``inner=optax.sgd(η)``
+    on a quadratic with ``0 < η λ_i < 1``, ``α = 1`` and no clip binding, one
+    step lands exactly on the (K+1)-th gradient-descent iterate.
+
+    The inner state advances three times per active step with ``"keep"``
+    and once with ``"restore"``, so a schedule inside ``inner`` counts inner
+    updates, not GXPO steps.
+
+    A ``gate`` watches :math:`\|\tilde g\|`; once it fires, every later step is
+    exactly ``inner.update(g_0, S, θ_0)`` and evaluates no probe gradient (the
+    branch is a ``jax.lax.cond``). If a probe or corrective gradient is not
+    finite, the step falls back to the plain inner step from :math:`g_0` and
+    sets ``state.info.fallback``.
+
+    Symbols and arguments: K = ``virtual_depth``, α = ``reposition``,
+    τ = ``active_threshold``, ``inner`` the base optimizer, L = ``loss_fn``.
+
+    Args:
+      inner: the base optimizer, e.g. ``optax.adamw(1e-6)``. To clip every
+        gradient GXPO sees, put the clip inside: ``optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(1e-6))``.
+      loss_fn: ``loss_fn(params, **extra_args) -> loss`` (or ``(loss, aux)``
+        with ``has_aux``), evaluated at the probe points with the extra keyword
+        arguments given to ``update``. If None, ``update`` needs ``grad_fn=``.
+      virtual_depth: K >= 2, the number of inner steps the step emulates.
+      reposition: α in [0, 1]; 1 jumps to the predicted K-step point, 0 stays
+        at θ_0 (then the step is one corrective inner step from θ_0).
+      active_threshold: τ; coordinates with tiny first gradients are not
+        extrapolated (their ratio is noise).
+      ratio_clip: (low, high) bounds on r; None leaves a side open.
+      scale_clip: (low, high) bounds on s; ``high=None`` means K/2 + 1.
+      gate: a ``ZScoreGate`` deciding when to stop extrapolating, or None.
+      probe_state: ``"keep"`` (the paper) or ``"restore"``: the inner state
+        the corrective step starts from.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``. Its ``update(updates,
+      state, params, *, grad_fn=None, **extra_args)`` takes the caller's
+      gradient at ``params`` as ``updates``. ``state.info`` is a ``GXPOInfo``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from gxpo.optim import gxpo
+      >>> loss = lambda p, scale: 0.5 * scale * jnp.sum(p ** 2)
+      >>> tx = gxpo(optax.sgd(0.1), loss, virtual_depth=5, reposition=1.0)
+      >>> params = jnp.array([1.0, -2.0])
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss)(params, scale=1.0)
+      >>> updates, state = tx.update(grads, state, params, scale=1.0)
+      >>> params = optax.apply_updates(params, updates)  # = 0.9**6 * [1, -2]
+      >>> int(state.info.grad_evals)
+      3
+
+    References:
+      Gradient Extrapolation-Based Policy Optimization (GXPO), 2026.
+      Wang et al., Slow-Fast Policy Optimization, ICLR 2026.
+    """
+    _common.check_common("gxpo", inner, reposition, gate)
+    if isinstance(virtual_depth, bool) or not isinstance(virtual_depth, int) or virtual_depth < 2:
+        raise ValueError(f"gxpo: `virtual_depth` (K) must be an int >= 2, got {virtual_depth!r}.")
+    if probe_state not in _PROBE_STATES:
+        raise ValueError(
+            f"gxpo: `probe_state` must be one of {_PROBE_STATES}, got {probe_state!r}."
+        )
+    if not active_threshold >= 0:
+        raise ValueError(f"gxpo: `active_threshold` must be >= 0, got {active_threshold!r}.")
+    r_lo, r_hi = _check_pair("ratio_clip", ratio_clip)
+    s_lo, s_hi = _check_pair("scale_clip", scale_clip)
+    if s_hi is None:
+        s_hi = virtual_depth / 2 + 1
+    if s_lo is not None and s_lo > s_hi:
+        raise ValueError(f"gxpo: `scale_clip` low {s_lo} exceeds high {s_hi}.")
+    k = virtual_depth
+
+    def init_fn(params: optax.Params) -> GXPOState:
+        return GXPOState(
+            inner_state=inner.init(params),
+            gate=optax.EmptyState() if gate is None else gate.init(),
+            info=_empty_info(),
+        )
+
+    def leaf_extrapolate(g0, g1, t0, t2):
+        """One leaf: the repositioned point and the leaf's diagnostic sums."""
+        dt = jnp.promote_types(t0.dtype, jnp.float32)
+        g0, g1, t0f, t2f = (x.astype(dt) for x in (g0, g1, t0, t2))
+        d = t2f - t0f
+        rms = jnp.sqrt(jnp.mean(jnp.square(g0)))
+        active = (jnp.abs(g0) > active_threshold * rms) & (g0 != 0)
+        r = jnp.where(active, g1 / jnp.where(active, g0, 1.0), 1.0)
+        r = jnp.clip(r, min=r_lo, max=r_hi)
+        r = jnp.where(jnp.isfinite(r), r, 1.0)
+        s2 = _geometric_sum(r, 2)
+        ok = jnp.abs(s2) > 1e-8
+        s = jnp.where(ok, _geometric_sum(r, k) / jnp.where(ok, s2, 1.0), 1.0)
+        s = jnp.where(active, jnp.clip(s, min=s_lo, max=s_hi), 1.0)
+        theta_hat = t0f + s * d
+        theta_tilde = t0f + reposition * (theta_hat - t0f)
+        af = active.astype(jnp.float32)
+        r32 = r.astype(jnp.float32)
+        sums = jnp.stack(
+            [
+                jnp.sum(af),
+                jnp.sum(af * r32),
+                jnp.sum(af * r32 * r32),
+                jnp.sum(s.astype(jnp.float32)),
+                jnp.sum(jnp.square(d.astype(jnp.float32))),
+            ]
+        )
+        return theta_tilde.astype(t0.dtype), sums
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+        grad = _common.resolve_grad_fn("gxpo", loss_fn, has_aux, grad_fn, params, extra_args)
+        g0 = updates
+        u0, s1 = inner.update(g0, state.inner_state, params)
+        g0_norm = _common.tree_norm(g0)
+
+        def extrapolate():
+            theta1 = optax.apply_updates(params, u0)
+            g1 = grad(theta1)
+            u1, s2 = inner.update(g1, s1, theta1)
+            theta2 = optax.apply_updates(theta1, u1)
+
+            leaves0, treedef = jax.tree.flatten(params)
+            per_leaf = [
+                leaf_extrapolate(*xs)
+                for xs in zip(
+                    jax.tree.leaves(g0), jax.tree.leaves(g1), leaves0, jax.tree.leaves(theta2)
+                )
+            ]
+            theta_tilde = jax.tree.unflatten(treedef, [t for t, _ in per_leaf])
+            n_active, r_sum, r_sq_sum, s_sum, d_sq = sum(sums for _, sums in per_leaf)
+            n_total = float(sum(x.size for x in leaves0))
+
+            g_tilde = grad(theta_tilde)
+            s_c = s2 if probe_state == "keep" else state.inner_state
+            u2, s3 = inner.update(g_tilde, s_c, theta_tilde)
+            theta_new = optax.apply_updates(theta_tilde, u2)
+            new_updates = jax.tree.map(lambda a, b: (a - b).astype(b.dtype), theta_new, params)
+
+            ok = _common.tree_all_finite((g1, g_tilde, new_updates))
+            g_tilde_norm = _common.tree_norm(g_tilde)
+            if gate is None:
+                new_gate, z = state.gate, jnp.zeros((), jnp.float32)
+            else:
+                observed_gate, z = gate.update(state.gate, g_tilde_norm)
+                new_gate = _common.tree_select(ok, observed_gate, state.gate)
+                z = jnp.where(ok, z, 0.0)
+
+            r_mean = r_sum / jnp.maximum(n_active, 1.0)
+            r_var = r_sq_sum / jnp.maximum(n_active, 1.0) - r_mean**2
+            info = GXPOInfo(
+                active=jnp.ones((), jnp.int32),
+                fallback=(~ok).astype(jnp.int32),
+                grad_evals=jnp.full((), 3, jnp.int32),
+                retention_mean=r_mean,
+                retention_std=jnp.sqrt(jnp.maximum(r_var, 0.0)),
+                scale_mean=s_sum / n_total,
+                inactive_fraction=1.0 - n_active / n_total,
+                corrective_norm=g_tilde_norm,
+                initial_norm=g0_norm,
+                cos_corrective_initial=_common.cosine(g_tilde, g0),
+                displacement_norm=jnp.sqrt(d_sq),
+                gate_z=z,
+            )
+            out_updates = _common.tree_select(ok, new_updates, u0)
+            out_inner = _common.tree_select(ok, s3, s1)
+            return out_updates, GXPOState(out_inner, new_gate, info)
+
+        def plain():
+            return u0, GXPOState(s1, state.gate, _empty_info(g0_norm))
+
+        if gate is None:
+            return extrapolate()
+        return jax.lax.cond(state.gate.on, extrapolate, plain)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

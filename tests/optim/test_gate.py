@@ -1,0 +1,84 @@
+"""The rolling z-score gate, alone and inside gxpo / sfpo (GXPO.md, "The shutoff gate")."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gxpo.optim import ZScoreGate, gxpo, sfpo
+
+
+def test_zscore_matches_numpy_on_the_rolling_window():
+    gate = ZScoreGate(window=4, warmup=6, threshold=2.0)
+    state = gate.init()
+    values = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.0, 1.08]
+    for i, v in enumerate(values):
+        past = np.array(values[max(0, i - 4) : i])
+        state, z = gate.update(state, jnp.float32(v))
+        want = (v - past.mean()) / (past.std() + 1e-8) if i else 0.0
+        np.testing.assert_allclose(z, want, rtol=1e-4)
+        assert bool(state.on)  # no jump above 2 sigma in this sequence
+    assert int(state.count) == len(values)
+
+
+def test_warmup_then_upward_jump_shuts_off_for_good_and_downward_never():
+    gate = ZScoreGate(window=5, warmup=5, threshold=2.0)
+    state = gate.init()
+    noise = [1.0, 1.1, 0.9, 1.05, 0.95]
+    for v in [100.0, 1.0, 1.1, 0.9, 1.0]:  # a jump inside warm-up is only recorded
+        state, _ = gate.update(state, jnp.float32(v))
+        assert bool(state.on)
+    for v in noise + [0.01, 1e-6]:  # downward jumps: z << 0, stays on
+        state, _ = gate.update(state, jnp.float32(v))
+        assert bool(state.on)
+    for v in noise:
+        state, _ = gate.update(state, jnp.float32(v))
+    state, z = gate.update(state, jnp.float32(10.0))
+    assert float(z) > 2.0 and not bool(state.on)
+    for v in noise:  # once off, it stays off
+        state, _ = gate.update(state, jnp.float32(v))
+        assert not bool(state.on)
+
+
+@pytest.mark.parametrize("combinator", ["gxpo", "sfpo"])
+def test_after_shutoff_update_is_inner_update_bit_for_bit_with_no_loss_evaluation(combinator):
+    calls = []
+
+    def loss(p, scale):
+        jax.debug.callback(lambda: calls.append(1))
+        return scale * jnp.sum(jnp.cosh(p))
+
+    inner = optax.adamw(0.01)
+    gate = ZScoreGate(window=4, warmup=4, threshold=2.0)
+    make = gxpo if combinator == "gxpo" else sfpo
+    tx = make(inner, loss, gate=gate)
+    per_step = 2 if combinator == "gxpo" else 3  # loss evaluations while active
+
+    params = jnp.array([0.5, -1.0, 2.0])
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    grad = jax.jit(jax.grad(lambda p, s: s * jnp.sum(jnp.cosh(p))))
+    scales = [1.0, 1.01, 0.99, 1.0, 1.02, 0.1, 1.0, 50.0]  # warm-up, a dip, then a jump
+    for i, scale in enumerate(scales):
+        calls.clear()
+        s = jnp.float32(scale)
+        updates, state = update(grad(params, s), state, params, scale=s)
+        params = optax.apply_updates(params, updates)
+        assert len(calls) == per_step, i
+        assert bool(state.gate.on) == (i < len(scales) - 1), i
+    assert int(state.info.gate_z) > 2
+
+    inner_update = jax.jit(inner.update)
+    inner_state = state.inner_state
+    for _ in range(3):
+        calls.clear()
+        g = grad(params, jnp.float32(1.0))
+        updates, state = update(g, state, params, scale=jnp.float32(1.0))
+        want, inner_state = inner_update(g, inner_state, params)
+        assert len(calls) == 0  # no probe or corrective evaluation after shutoff
+        np.testing.assert_array_equal(updates, want)
+        for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(inner_state)):
+            np.testing.assert_array_equal(a, b)
+        assert int(state.info.grad_evals) == 1 and int(state.info.active) == 0
+        params = optax.apply_updates(params, updates)
