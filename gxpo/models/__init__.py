@@ -1,1 +1,41 @@
 """Flax NNX decoder-only language models (Llama 3.x, SmolLM2, Qwen2.x) with LoRA."""
+
+from gxpo.models.checkpoints import export_merged, export_peft_adapter, load_pretrained
+from gxpo.models.lora import fold_lora, lora_weights, merge_trainable, split_trainable
+from gxpo.models.presets import PRESETS, config_from_hf, config_to_hf, get_preset
+from gxpo.models.transformer import (
+    LOGICAL_AXES,
+    PROJECTIONS,
+    KVCache,
+    ModelConfig,
+    RopeScaling,
+    Transformer,
+    decode,
+    forward,
+    init_model,
+    prefill,
+)
+
+__all__ = [
+    "LOGICAL_AXES",
+    "PRESETS",
+    "PROJECTIONS",
+    "KVCache",
+    "ModelConfig",
+    "RopeScaling",
+    "Transformer",
+    "config_from_hf",
+    "config_to_hf",
+    "decode",
+    "export_merged",
+    "export_peft_adapter",
+    "fold_lora",
+    "forward",
+    "get_preset",
+    "init_model",
+    "load_pretrained",
+    "lora_weights",
+    "merge_trainable",
+    "prefill",
+    "split_trainable",
+]

@@ -1,0 +1,526 @@
+"""One Flax NNX decoder for the Llama 3.x / SmolLM2 / Qwen2.x family, with a KV cache.
+
+Shapes are named with the letters of the key in `ModelConfig`'s docstring. Every parameter's
+shape is a string of those letters, and `LOGICAL_AXES` maps each letter to the logical axis name
+stored as the parameter's `out_sharding` metadata: the one table a mesh module maps to mesh axes
+(`nnx.get_partition_spec` under `nnx.logical_axis_rules`). No mesh is needed on one device.
+
+Layers are stacked (leading L axis on every layer parameter) and run by one `jax.lax.scan`.
+The model object only holds parameters; the math lives in pure functions of a weights dict
+(`forward`, `prefill`, `decode`), jitted with the config static, so `model(...)` is fast eagerly
+and inlines under an outer `jax.jit` / `nnx.jit`.
+
+LoRA: `use_lora=False` (a static flag) runs the base model from the same weights, which is the
+reference policy of the KL term without a second copy of the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+LOGICAL_AXES: dict[str, str] = {
+    "L": "layers",
+    "V": "vocab",
+    "D": "embed",
+    "N": "q_heads",
+    "K": "kv_heads",
+    "H": "head_dim",
+    "F": "mlp",
+    "R": "lora_rank",
+}
+
+# Each projection's kernel is [L, *in, *out]; HF stores it as [prod(out), prod(in)].
+PROJECTIONS: dict[str, tuple[str, str]] = {
+    "q_proj": ("D", "NH"),
+    "k_proj": ("D", "KH"),
+    "v_proj": ("D", "KH"),
+    "o_proj": ("NH", "D"),
+    "gate_proj": ("D", "F"),
+    "up_proj": ("D", "F"),
+    "down_proj": ("F", "D"),
+}
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ARCHITECTURES = ("llama", "qwen2")
+DTYPES = ("float32", "bfloat16")
+
+_INIT_STD = 0.02
+# Finite, so a query with no visible key (a left-pad row) gets uniform weights instead of NaN,
+# which would otherwise leak into gradients through the zero-weighted pad positions.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent rope scaling (HF `rope_type: "llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Decoder hyper-parameters; hashable, so it is a static argument of the jitted functions.
+
+    Shape letters, used in tensor names (x_BxTxD) and einsums across gxpo.models:
+      B batch rows, T tokens of this call, S key/value slots (T, or the cache capacity),
+      L layers, D model width (dim), N query heads, K key/value heads, G query heads per
+      key/value head (N // K), H head_dim, F MLP width (ffn_dim), V vocabulary, R LoRA rank.
+
+    `param_dtype` stores the base weights, `dtype` is the compute dtype of activations and the
+    KV cache; norms, softmax and logits run in float32. LoRA parameters are always float32
+    (small, and bf16 would swallow small learning-rate updates). `lora_alpha=None` means
+    2 * lora_rank (the paper's 128 / 256).
+    """
+
+    vocab_size: int
+    dim: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    max_position_embeddings: int = 8192  # recorded for export; positions are not clipped
+    arch: str = "llama"  # HF model_type: "llama" (Llama 3.x, SmolLM2) or "qwen2"
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    remat: bool = False  # recompute each layer in the backward pass (activation memory)
+
+    def __post_init__(self):
+        for field in ("param_dtype", "dtype"):
+            name = _dtype_name(getattr(self, field))
+            if name not in DTYPES:
+                raise ValueError(f"ModelConfig.{field}={name!r}: allowed values are {DTYPES}")
+            object.__setattr__(self, field, name)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        for field in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"ModelConfig.{field}={getattr(self, field)} must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} must be a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even (rotary halves)")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"ModelConfig.arch={self.arch!r}: allowed values are {ARCHITECTURES}")
+        if self.lora_rank < 0:
+            raise ValueError(f"ModelConfig.lora_rank={self.lora_rank} must be >= 0 (0 = off)")
+        unknown = [t for t in self.lora_targets if t not in PROJECTIONS]
+        if unknown:
+            raise ValueError(
+                f"ModelConfig.lora_targets has unknown modules {unknown}; "
+                f"allowed: {tuple(PROJECTIONS)}"
+            )
+        if self.lora_rank and not self.lora_targets:
+            raise ValueError("ModelConfig.lora_targets is empty while lora_rank > 0")
+
+    @property
+    def lora_scale(self) -> float:
+        alpha = 2.0 * self.lora_rank if self.lora_alpha is None else self.lora_alpha
+        return alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Size of each shape letter."""
+        return {
+            "L": self.num_layers,
+            "V": self.vocab_size,
+            "D": self.dim,
+            "N": self.num_heads,
+            "K": self.num_kv_heads,
+            "H": self.head_dim,
+            "F": self.ffn_dim,
+            "R": self.lora_rank,
+        }
+
+    def shape(self, letters: str) -> tuple[int, ...]:
+        return tuple(self.sizes[c] for c in letters)
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        return jnp.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _param(kind: type[nnx.Param], value: jax.Array, letters: str) -> nnx.Param:
+    # eager_sharding=False: keep the logical names as metadata only, so no mesh is needed here.
+    return kind(value, out_sharding=tuple(LOGICAL_AXES[c] for c in letters), eager_sharding=False)
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype: str) -> jax.Array:
+    return (_INIT_STD * jax.random.normal(rngs.params(), shape)).astype(dtype)
+
+
+def init_lora_a(key: jax.Array, config: ModelConfig, name: str) -> jax.Array:
+    """LoRA A [L, *in, R] of projection `name`: PEFT's default U(+-1/sqrt(fan_in)). With B = 0
+    the adapted model is exactly the base."""
+    i, _ = PROJECTIONS[name]
+    bound = 1.0 / math.sqrt(math.prod(config.shape(i)))
+    return jax.random.uniform(key, config.shape("L" + i + "R"), jnp.float32, -bound, bound)
+
+
+class Projection(nnx.Module):
+    """A linear map of every layer: kernel [L, *in, *out], optional bias and LoRA A/B."""
+
+    def __init__(self, config: ModelConfig, name: str, *, bias: bool, rngs: nnx.Rngs):
+        i, o = PROJECTIONS[name]
+        dtype = config.param_dtype
+        self.kernel = _param(
+            nnx.Param, _normal(rngs, config.shape("L" + i + o), dtype), "L" + i + o
+        )
+        self.bias = (
+            _param(nnx.Param, jnp.zeros(config.shape("L" + o), dtype), "L" + o) if bias else None
+        )
+        lora_a = lora_b = None
+        if config.lora_rank and name in config.lora_targets:
+            lora_a = _param(nnx.LoRAParam, init_lora_a(rngs.params(), config, name), "L" + i + "R")
+            b = jnp.zeros(config.shape("LR" + o), jnp.float32)
+            lora_b = _param(nnx.LoRAParam, b, "LR" + o)
+        self.lora_a, self.lora_b = lora_a, lora_b
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' parameters, stacked on a leading L axis."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        ones = jnp.ones(config.shape("LD"), config.param_dtype)
+        self.attn_norm = _param(nnx.Param, ones, "LD")
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            bias = config.qkv_bias and name != "o_proj"
+            setattr(self, name, Projection(config, name, bias=bias, rngs=rngs))
+        self.mlp_norm = _param(nnx.Param, ones, "LD")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            setattr(self, name, Projection(config, name, bias=False, rngs=rngs))
+
+
+class Transformer(nnx.Module):
+    """The decoder. `model(tokens_BxT, attention_mask=mask_BxT) -> logits_BxTxV` (float32).
+
+    Parameter paths: embed [V, D]; layers/{attn_norm, mlp_norm} [L, D];
+    layers/<proj>/{kernel, bias, lora_a, lora_b} (see `PROJECTIONS`); final_norm [D];
+    lm_head [D, V] when embeddings are untied (stored pre-transposed for the matmul).
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = _param(nnx.Param, _normal(rngs, config.shape("VD"), config.param_dtype), "VD")
+        self.layers = DecoderLayers(config, rngs=rngs)
+        self.final_norm = _param(nnx.Param, jnp.ones((config.dim,), config.param_dtype), "D")
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else _param(nnx.Param, _normal(rngs, config.shape("DV"), config.param_dtype), "DV")
+        )
+
+    def weights(self) -> dict:
+        """The parameters as a nested dict of arrays, the input of the pure functions below."""
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
+
+    def __call__(
+        self,
+        tokens_BxT: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        use_lora: bool = True,
+    ) -> jax.Array:
+        return forward(self.weights(), self.config, tokens_BxT, attention_mask, use_lora=use_lora)
+
+    def prefill(
+        self,
+        tokens_BxT: jax.Array,
+        attention_mask: jax.Array,
+        cache_size: int,
+        *,
+        use_lora: bool = True,
+    ) -> tuple[jax.Array, KVCache]:
+        """See `prefill`."""
+        return prefill(
+            self.weights(), self.config, tokens_BxT, attention_mask, cache_size, use_lora=use_lora
+        )
+
+    def decode(
+        self, tokens_B: jax.Array, cache: KVCache, *, use_lora: bool = True
+    ) -> tuple[jax.Array, KVCache]:
+        """See `decode`."""
+        return decode(self.weights(), self.config, tokens_B, cache, use_lora=use_lora)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys/values of every layer for incremental decoding.
+
+    All rows write the same slot each step (`index`); rows whose prompt is shorter carry
+    padding slots that `mask` hides, and `positions` keeps each row's own rotary position.
+    Sampling loop (the body may equally be a `jax.lax.while_loop` carrying the cache):
+
+        weights = fold_lora(model.weights(), model.config)  # optional: no adapter matmuls
+        logits_BxV, cache = prefill(weights, config, prompt_BxP, mask_BxP, P + max_new)
+        for _ in range(max_new):
+            token_B = pick(logits_BxV)
+            logits_BxV, cache = decode(weights, config, token_B, cache)
+    """
+
+    k: jax.Array  # [L, B, S, K, H] compute dtype
+    v: jax.Array  # [L, B, S, K, H] compute dtype
+    mask: jax.Array  # [B, S] bool: slot holds a real token
+    positions: jax.Array  # [B] int32: rotary position of the row's next token
+    index: jax.Array  # [] int32: next slot to write
+
+    def repeat(self, n: int) -> KVCache:
+        """Each row repeated n times in place (row b -> rows b*n .. b*n+n-1), e.g. to draw
+        n samples per prompt from one prefill."""
+        return KVCache(
+            k=jnp.repeat(self.k, n, axis=1),
+            v=jnp.repeat(self.v, n, axis=1),
+            mask=jnp.repeat(self.mask, n, axis=0),
+            positions=jnp.repeat(self.positions, n, axis=0),
+            index=self.index,
+        )
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def _rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse rotary frequencies [H/2], float32, as Hugging Face computes them."""
+    dim = config.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return np.where(is_medium, smoothed, scaled).astype(np.float32)
+
+
+def _rope_tables(config: ModelConfig, positions_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, 1, H/2]; the size-1 axis broadcasts over the heads (N or K)."""
+    angles = positions_BxT[..., None].astype(jnp.float32) * _rope_inv_freq(config)
+    return jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+
+
+def _apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    # HF's rotate_half convention: the two halves of the head dim form the rotated pairs.
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def _rms_norm(x_BxTxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
+    x32 = x_BxTxD.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight_D.astype(x_BxTxD.dtype) * normed.astype(x_BxTxD.dtype)
+
+
+def _project(config: ModelConfig, p: dict, name: str, x: jax.Array, use_lora: bool) -> jax.Array:
+    """x [B, T, *in] -> [B, T, *out] through projection `name` of one layer's params `p`."""
+    i, o = PROJECTIONS[name]
+    p = p[name]
+    dtype = x.dtype
+    y = jnp.einsum(f"BT{i},{i}{o}->BT{o}", x, p["kernel"].astype(dtype))
+    if "bias" in p:
+        y = y + p["bias"].astype(dtype)
+    if use_lora and "lora_a" in p:
+        a_BxTxR = jnp.einsum(f"BT{i},{i}R->BTR", x, p["lora_a"].astype(dtype))
+        a_BxTxR = a_BxTxR * jnp.asarray(config.lora_scale, dtype)
+        y = y + jnp.einsum(f"BTR,R{o}->BT{o}", a_BxTxR, p["lora_b"].astype(dtype))
+    return y
+
+
+def _attend(
+    q_BxTxKxGxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, mask_BxTxS: jax.Array
+) -> jax.Array:
+    scores = jnp.einsum(
+        "BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    )
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
+
+
+def _layer(config: ModelConfig, p: dict, x_BxTxD: jax.Array, rope, attend, use_lora: bool):
+    """One decoder layer. `attend(q, k, v) -> (y_BxTxKxGxH, aux)` decides where keys come from
+    (this call's tokens, or the cache); aux is passed through."""
+    cfg = config
+    B, T, _ = x_BxTxD.shape
+    h = _rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
+    # Scaling q (not the scores) is the cheaper place for 1/sqrt(H).
+    q = _project(cfg, p, "q_proj", h, use_lora) * jnp.asarray(cfg.head_dim**-0.5, h.dtype)
+    k = _project(cfg, p, "k_proj", h, use_lora)
+    v = _project(cfg, p, "v_proj", h, use_lora)
+    q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+    groups = cfg.num_heads // cfg.num_kv_heads
+    y, aux = attend(q.reshape(B, T, cfg.num_kv_heads, groups, cfg.head_dim), k, v)
+    y = y.reshape(B, T, cfg.num_heads, cfg.head_dim)
+    x_BxTxD = x_BxTxD + _project(cfg, p, "o_proj", y, use_lora)
+    h = _rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
+    gate = _project(cfg, p, "gate_proj", h, use_lora)
+    up = _project(cfg, p, "up_proj", h, use_lora)
+    x_BxTxD = x_BxTxD + _project(cfg, p, "down_proj", jax.nn.silu(gate) * up, use_lora)
+    return x_BxTxD, aux
+
+
+def _embed(config: ModelConfig, weights: dict, tokens: jax.Array) -> jax.Array:
+    return jnp.take(weights["embed"], tokens, axis=0).astype(config.dtype)
+
+
+def _logits(config: ModelConfig, weights: dict, x_BxTxD: jax.Array) -> jax.Array:
+    x_BxTxD = _rms_norm(x_BxTxD, weights["final_norm"], config.norm_eps)
+    if config.tie_embeddings:
+        embed_VxD = weights["embed"].astype(x_BxTxD.dtype)
+        return jnp.einsum("BTD,VD->BTV", x_BxTxD, embed_VxD, preferred_element_type=jnp.float32)
+    head_DxV = weights["lm_head"].astype(x_BxTxD.dtype)
+    return jnp.einsum("BTD,DV->BTV", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+def _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv):
+    """Runs all layers over this call's tokens; returns x [B, T, D] and, if asked,
+    the keys/values of every layer ([L, B, T, K, H] each)."""
+    T = tokens_BxT.shape[1]
+    positions_BxT = jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)
+    rope = _rope_tables(config, positions_BxT)
+    causal_TxT = jnp.tril(jnp.ones((T, T), bool))
+    mask_BxTxT = causal_TxT[None] & mask_BxT[:, None, :].astype(bool)
+
+    def attend(q, k, v):
+        return _attend(q, k, v, mask_BxTxT), ((k, v) if collect_kv else None)
+
+    def body(x, p):
+        return _layer(config, p, x, rope, attend, use_lora)
+
+    if config.remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, _embed(config, weights, tokens_BxT), weights["layers"])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "use_lora"))
+def forward(
+    weights: dict,
+    config: ModelConfig,
+    tokens_BxT: jax.Array,
+    mask_BxT: jax.Array | None = None,
+    *,
+    use_lora: bool = True,
+) -> jax.Array:
+    """Logits [B, T, V] in float32 of a full sequence.
+
+    `mask_BxT` (1 = real token, 0 = padding; left or right padding) sets the rotary positions
+    (cumsum(mask) - 1) and hides padded keys; outputs at padded positions are meaningless.
+    """
+    if mask_BxT is None:
+        mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    x, _ = _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv=False)
+    return _logits(config, weights, x)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "cache_size", "use_lora"))
+def prefill(
+    weights: dict,
+    config: ModelConfig,
+    tokens_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    cache_size: int,
+    *,
+    use_lora: bool = True,
+) -> tuple[jax.Array, KVCache]:
+    """Runs the prompt, returns the logits [B, V] at each row's last real token and a cache of
+    `cache_size` slots (>= T) holding the prompt in slots [0, T).
+
+    Size the cache as T + the number of tokens to decode: a decode past the last slot
+    overwrites it (dynamic_update_slice clamps; it cannot raise under jit).
+    """
+    B, T = tokens_BxT.shape
+    if cache_size < T:
+        raise ValueError(f"prefill: cache_size={cache_size} is smaller than the prompt length {T}")
+    mask_BxT = mask_BxT.astype(bool)
+    x, (k, v) = _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv=True)
+    last_B = T - 1 - jnp.argmax(mask_BxT[:, ::-1], axis=1)
+    x_Bx1xD = jnp.take_along_axis(x, last_B[:, None, None], axis=1)
+    logits_BxV = _logits(config, weights, x_Bx1xD)[:, 0]
+    pad = cache_size - T
+    kv_pad = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
+    cache = KVCache(
+        k=jnp.pad(k, kv_pad),
+        v=jnp.pad(v, kv_pad),
+        mask=jnp.pad(mask_BxT, ((0, 0), (0, pad))),
+        positions=mask_BxT.sum(axis=1, dtype=jnp.int32),
+        index=jnp.asarray(T, jnp.int32),
+    )
+    return logits_BxV, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "use_lora"), donate_argnames=("cache",))
+def decode(
+    weights: dict,
+    config: ModelConfig,
+    tokens_B: jax.Array,
+    cache: KVCache,
+    *,
+    use_lora: bool = True,
+) -> tuple[jax.Array, KVCache]:
+    """Feeds one token per row at slot `cache.index`; returns the next-token logits [B, V] and
+    the updated cache. The cache is updated in place (donated when called eagerly; inside a
+    jitted loop, carry it): per layer one dynamic_update_slice of [B, 1, K, H]."""
+    B = tokens_B.shape[0]
+    slot = cache.index
+    mask_BxS = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((B, 1), bool), (0, slot))
+    rope = _rope_tables(config, cache.positions[:, None])
+    zero = jnp.zeros((), jnp.int32)
+
+    def body(carry, p_and_layer):
+        x, k_cache, v_cache = carry
+        p, layer = p_and_layer
+
+        def attend(q, k, v):
+            start = (layer, zero, slot, zero, zero)
+            kc = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
+            vc = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
+            return _attend(q, kc[layer], vc[layer], mask_BxS[:, None, :]), (kc, vc)
+
+        x, (k_cache, v_cache) = _layer(config, p, x, rope, attend, use_lora)
+        return (x, k_cache, v_cache), None
+
+    x = _embed(config, weights, tokens_B[:, None])
+    layers = (weights["layers"], jnp.arange(config.num_layers, dtype=jnp.int32))
+    (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), layers)
+    new_cache = KVCache(k, v, mask_BxS, cache.positions + 1, slot + 1)
+    return _logits(config, weights, x)[:, 0], new_cache
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (tests, benchmarks, training from scratch)."""
+    return Transformer(config, rngs=nnx.Rngs(seed))

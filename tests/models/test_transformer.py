@@ -1,0 +1,187 @@
+"""The decoder against Hugging Face transformers, the KV cache against the full forward pass,
+presets against the real models' parameter counts, and the sharding metadata."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hf_tiny import (
+    LLAMA3_ROPE,
+    hf_config,
+    hf_logits,
+    hf_model,
+    max_diff_on_real,
+    padded_batch,
+    save,
+)
+
+from gxpo.models import (
+    LOGICAL_AXES,
+    PRESETS,
+    Transformer,
+    forward,
+    get_preset,
+    init_model,
+    load_pretrained,
+)
+
+LEFT_PADS, RIGHT_PADS = (0, 5, 17), (9,)
+LENGTH = 40
+
+
+@pytest.mark.parametrize(
+    "arch, tie, rope_scaling, extra",
+    [
+        ("llama", True, None, {}),
+        ("llama", False, LLAMA3_ROPE, {"head_dim": 24}),  # head_dim != hidden / heads
+        ("qwen2", True, None, {}),
+        ("qwen2", False, None, {"num_key_value_heads": 1}),
+    ],
+    ids=["llama-tied", "llama3-rope-untied", "qwen2-tied", "qwen2-untied-mqa"],
+)
+def test_logits_match_transformers(tmp_path, arch, tie, rope_scaling, extra):
+    ref_model = hf_model(hf_config(arch, tie=tie, rope_scaling=rope_scaling, **extra))
+    model, tokenizer = load_pretrained(save(ref_model, tmp_path))
+    assert tokenizer is None  # no tokenizer files in a random checkpoint
+    assert model.config.tie_embeddings == tie and model.config.qkv_bias == (arch == "qwen2")
+    assert (model.config.rope_scaling is not None) == (rope_scaling is not None)
+    tokens, mask = padded_batch(LEFT_PADS, LENGTH, right=RIGHT_PADS)
+    ref = hf_logits(ref_model, tokens, mask)
+    logits = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    assert logits.dtype == jnp.float32 and logits.shape == ref.shape
+    assert np.abs(ref).max() > 1.0  # the comparison is not trivially small
+    assert max_diff_on_real(logits, ref, mask) < 1e-4
+
+
+def test_sharded_checkpoint_and_legacy_rope_config(tmp_path):
+    """Shards listed in model.safetensors.index.json, and a config.json written by hand in the
+    layout published Llama 3.2 checkpoints use (top-level rope_theta + rope_scaling)."""
+    ref_model = hf_model(hf_config("llama", tie=True, rope_scaling=LLAMA3_ROPE))
+    path = tmp_path / "ckpt"
+    save(ref_model, path, max_shard_size="20KB")
+    assert (path / "model.safetensors.index.json").exists()
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope.pop("rope_theta")
+    config["rope_scaling"] = rope
+    (path / "config.json").write_text(json.dumps(config))
+    model, _ = load_pretrained(path)
+    assert model.config.rope_scaling.factor == LLAMA3_ROPE["factor"]
+    tokens, mask = padded_batch(LEFT_PADS, LENGTH)
+    logits = model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    assert max_diff_on_real(logits, hf_logits(ref_model, tokens, mask), mask) < 1e-4
+
+
+def test_cached_decode_matches_full_forward(tmp_path):
+    """Prefill prompts of different lengths (left and right padded), repeat each row's cache
+    twice, then decode a different continuation per row: each step's logits equal the full
+    forward pass over prompt + continuation, with nonzero LoRA adapters on."""
+    ref_model = hf_model(hf_config("qwen2", tie=True))
+    model, _ = load_pretrained(save(ref_model, tmp_path), lora_rank=4)
+    b = model.layers.q_proj.lora_b
+    b.value = 0.3 * jax.random.normal(jax.random.key(1), b.value.shape)
+    prompt_len, steps, repeats = 9, 6, 2
+    prompts, prompt_mask = padded_batch((0, 3, 8), prompt_len, right=(4,))
+    rows = np.repeat(np.arange(len(prompts)), repeats)
+    rng = np.random.RandomState(1)
+    continuation = rng.randint(0, 96, (len(rows), steps)).astype(np.int32)
+    tokens = np.concatenate([prompts[rows], continuation], axis=1)
+    mask = np.concatenate([prompt_mask[rows], np.ones_like(continuation)], axis=1)
+    full = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+
+    logits, cache = model.prefill(jnp.asarray(prompts), jnp.asarray(prompt_mask), 16)
+    assert cache.k.shape == (2, 4, 16, 2, 16) and int(cache.index) == prompt_len
+    last_real = prompt_len - 1 - np.argmax(prompt_mask[:, ::-1], axis=1)
+    np.testing.assert_allclose(logits, full[::repeats][np.arange(4), last_real], atol=1e-4)
+    cache = cache.repeat(repeats)
+    for step in range(steps):
+        logits, cache = model.decode(jnp.asarray(continuation[:, step]), cache)
+        np.testing.assert_allclose(logits, full[:, prompt_len + step], atol=1e-4)
+    assert int(cache.index) == prompt_len + steps
+    np.testing.assert_array_equal(cache.positions, mask.sum(axis=1))
+
+
+def test_bfloat16_compute_runs_and_stays_close(tmp_path):
+    ref_model = hf_model(hf_config("llama", tie=True))
+    path = save(ref_model, tmp_path)
+    tokens, mask = padded_batch(LEFT_PADS, LENGTH)
+    f32, _ = load_pretrained(path)
+    bf16, _ = load_pretrained(path, dtype="bfloat16")
+    assert bf16.embed.value.dtype == jnp.bfloat16
+    ref = np.asarray(f32(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
+    logits = bf16(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    assert logits.dtype == jnp.float32
+    real = mask.astype(bool)
+    err = np.abs(np.asarray(logits) - ref)[real]
+    assert np.isfinite(err).all()
+    assert err.mean() < 0.05 * np.abs(ref[real]).mean()
+    # Same argmax almost everywhere: bf16 noise, not a different model.
+    agree = (np.asarray(logits).argmax(-1) == ref.argmax(-1))[real].mean()
+    assert agree > 0.9
+
+
+def test_remat_gives_the_same_gradients():
+    config = get_preset("tiny", num_layers=3)
+    model = init_model(config, seed=0)
+    tokens, mask = padded_batch((0, 4), 12)
+
+    def loss(weights, config):
+        return forward(weights, config, jnp.asarray(tokens), jnp.asarray(mask)).std()
+
+    weights = model.weights()
+    plain = jax.grad(loss)(weights, config)
+    remat = jax.grad(loss)(weights, get_preset("tiny", num_layers=3, remat=True))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), plain, remat)
+
+
+# Published parameter counts of the real checkpoints (HF model cards / safetensors metadata).
+REAL_PARAMETER_COUNTS = {
+    "smollm2-135m": 134_515_008,
+    "llama3.2-1b": 1_235_814_400,
+    "llama3.2-3b": 3_212_749_824,
+    "qwen2.5-0.5b": 494_032_768,
+    "qwen2.5-1.5b": 1_543_714_304,
+    "qwen2.5-3b": 3_085_938_688,
+    "qwen2.5-7b": 7_615_616_512,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_PARAMETER_COUNTS))
+def test_presets_have_the_real_dimensions(name):
+    model = nnx.eval_shape(lambda: Transformer(get_preset(name), rngs=nnx.Rngs(0)))
+    count = sum(math.prod(x.shape) for x in jax.tree.leaves(model.weights()))
+    assert count == REAL_PARAMETER_COUNTS[name]
+
+
+def test_every_parameter_has_logical_axes():
+    config = get_preset("tiny", qkv_bias=True, tie_embeddings=False, lora_rank=4,
+                        lora_targets=("q_proj", "o_proj", "down_proj"))  # fmt: skip
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    names = set(LOGICAL_AXES.values())
+    specs = nnx.get_partition_spec(state)
+    for (path, var), (_, spec) in zip(nnx.to_flat_state(state), nnx.to_flat_state(specs)):
+        axes = var.get_metadata()["out_sharding"]
+        assert len(axes) == var.value.ndim and set(axes) <= names, path
+        assert tuple(spec.value) == axes, path
+        assert (axes[0] == "layers") == (path[0] == "layers"), path
+    lora_b = model.layers.o_proj.lora_b.get_metadata()["out_sharding"]
+    assert lora_b == ("layers", "lora_rank", "embed")
+
+
+def test_preset_errors():
+    with pytest.raises(ValueError, match=r"unknown model preset 'gpt2'.*smollm2-135m"):
+        get_preset("gpt2")
+    with pytest.raises(ValueError, match=r"unknown ModelConfig fields \['layers'\]"):
+        get_preset("tiny", layers=3)
+    with pytest.raises(ValueError, match=r"dtype='float16'"):
+        get_preset("tiny", dtype="float16")
+    with pytest.raises(ValueError, match=r"lora_targets has unknown modules \['qkv'\]"):
+        get_preset("tiny", lora_rank=2, lora_targets=("qkv",))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        get_preset("tiny", num_kv_heads=3)
+    assert set(PRESETS) >= set(REAL_PARAMETER_COUNTS) | {"tiny"}
