@@ -1,0 +1,245 @@
+"""Batched KV-cache sampling from the very params being trained.
+
+Shape key: Q distinct prompts, G samples per prompt, B = Q * G rows, P prompt length (left
+padded, bucketed), N max new tokens, V vocabulary.
+
+One jitted function per (Q, P bucket, N, G, sampling rule): the prompt is prefilled once per
+distinct prompt and its cache repeated G times (PERF.md: the cheapest lever), then a
+`jax.lax.while_loop` decodes one token per row per step until every row has emitted an end token
+or N tokens. A token is drawn with a single uniform per row through the CDF, which is exact
+and avoids generating V random numbers per row per step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gxpo.models.transformer import ModelConfig, Transformer, decode, prefill
+
+_END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+class SampleOutput(NamedTuple):
+    """Prompt + response of every row; per-token arrays aligned with `tokens`."""
+
+    tokens: jax.Array  # [B, P + N] int32: left-padded prompt, then the response, then pad_id
+    prompt_mask: jax.Array  # [B, P + N] bool: real prompt tokens
+    response_mask: jax.Array  # [B, P + N] bool: sampled tokens, the end token included
+    logprobs: jax.Array  # [B, P + N] float32: log-prob of each sampled token, 0 elsewhere
+    lengths: jax.Array  # [B] int32: sampled tokens per row, the end token included
+
+    @property
+    def attention_mask(self) -> jax.Array:
+        return self.prompt_mask | self.response_mask
+
+
+def end_token_ids(tokenizer: Any) -> tuple[int, ...]:
+    """The ids that end a response: the tokenizer's eos plus the usual chat end tokens."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+    if not ids:
+        raise ValueError("the tokenizer defines no end-of-sequence token; pass eos_ids explicitly")
+    return tuple(sorted(ids))
+
+
+def _sample_token(
+    logits_BxV: jax.Array, key: jax.Array, temperature: float, top_p: float
+) -> tuple[jax.Array, jax.Array]:
+    """One token per row and its log-prob under softmax(logits / temperature)."""
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if temperature == 0.0:
+        token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+        logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+        return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+    logp_BxV = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
+    probs_BxV = jnp.exp(logp_BxV)
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p.
+        sorted_BxV = jnp.sort(probs_BxV, axis=-1)[:, ::-1]
+        before_BxV = jnp.cumsum(sorted_BxV, axis=-1) - sorted_BxV
+        kept_BxV = jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf)
+        cutoff_B = jnp.min(kept_BxV, axis=-1)
+        probs_BxV = jnp.where(probs_BxV >= cutoff_B[:, None], probs_BxV, 0.0)
+    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
+    # u in (0, 1]: the first index whose cdf reaches u * total has positive probability.
+    u_B = 1.0 - jax.random.uniform(key, (logits_BxV.shape[0],), jnp.float32)
+    target_Bx1 = (u_B * cdf_BxV[:, -1])[:, None]
+    token_B = jnp.sum(cdf_BxV < target_Bx1, axis=-1).astype(jnp.int32)
+    return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "config",
+        "max_new_tokens",
+        "num_samples",
+        "temperature",
+        "top_p",
+        "eos_ids",
+        "pad_id",
+        "ignore_eos",
+        "use_lora",
+    ),
+)
+def sample(
+    weights: dict,
+    config: ModelConfig,
+    prompt_tokens_QxP: jax.Array,
+    prompt_mask_QxP: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    eos_ids: tuple[int, ...] = (),
+    pad_id: int = 0,
+    ignore_eos: bool = False,
+    use_lora: bool = True,
+) -> SampleOutput:
+    """The pure, jitted sampler over a weights dict (see `generate` for the arguments)."""
+    Q, P = prompt_tokens_QxP.shape
+    N, G = max_new_tokens, num_samples
+    prompt_mask_QxP = prompt_mask_QxP.astype(bool)
+    logits_QxV, cache = prefill(
+        weights, config, prompt_tokens_QxP, prompt_mask_QxP, P + N, use_lora=use_lora
+    )
+    if G > 1:
+        cache = cache.repeat(G)
+        logits_QxV = jnp.repeat(logits_QxV, G, axis=0)
+    B = Q * G
+    eos = jnp.asarray(eos_ids if eos_ids and not ignore_eos else (-1,), jnp.int32)
+
+    def pick(logits_BxV, step, done_B):
+        token_B, logp_B = _sample_token(
+            logits_BxV, jax.random.fold_in(key, step), temperature, top_p
+        )
+        token_B = jnp.where(done_B, pad_id, token_B)
+        logp_B = jnp.where(done_B, 0.0, logp_B)
+        return token_B, logp_B, done_B | jnp.isin(token_B, eos)
+
+    def write(buffers, step, token_B, logp_B):
+        tokens_BxN, logp_BxN = buffers
+        tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, token_B[:, None], (0, step))
+        logp_BxN = jax.lax.dynamic_update_slice(logp_BxN, logp_B[:, None], (0, step))
+        return tokens_BxN, logp_BxN
+
+    not_done_B = jnp.zeros((B,), bool)
+    token_B, logp_B, done_B = pick(logits_QxV, 0, not_done_B)
+    lengths_B = jnp.ones((B,), jnp.int32)
+    buffers = write(
+        (jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32)), 0, token_B, logp_B
+    )
+
+    def cond(carry):
+        step, _, done_B, *_ = carry
+        return (step < N) & ~jnp.all(done_B)
+
+    def body(carry):
+        step, token_B, done_B, lengths_B, buffers, cache = carry
+        logits_BxV, cache = decode(weights, config, token_B, cache, use_lora=use_lora)
+        token_B, logp_B, new_done_B = pick(logits_BxV, step, done_B)
+        lengths_B = lengths_B + (~done_B).astype(jnp.int32)
+        buffers = write(buffers, step, token_B, logp_B)
+        return step + 1, token_B, new_done_B, lengths_B, buffers, cache
+
+    carry = (jnp.asarray(1, jnp.int32), token_B, done_B, lengths_B, buffers, cache)
+    *_, lengths_B, (tokens_BxN, logp_BxN), _ = jax.lax.while_loop(cond, body, carry)
+
+    prompt_tokens_BxP = jnp.repeat(prompt_tokens_QxP, G, axis=0)
+    prompt_mask_BxP = jnp.repeat(prompt_mask_QxP, G, axis=0)
+    response_mask_BxN = jnp.arange(N)[None, :] < lengths_B[:, None]
+    return SampleOutput(
+        tokens=jnp.concatenate([prompt_tokens_BxP, tokens_BxN], axis=1),
+        prompt_mask=jnp.concatenate([prompt_mask_BxP, jnp.zeros((B, N), bool)], axis=1),
+        response_mask=jnp.concatenate([jnp.zeros((B, P), bool), response_mask_BxN], axis=1),
+        logprobs=jnp.concatenate([jnp.zeros((B, P), jnp.float32), logp_BxN], axis=1),
+        lengths=lengths_B,
+    )
+
+
+def bucket_prompts(
+    tokens_QxP: np.ndarray | jax.Array,
+    mask_QxP: np.ndarray | jax.Array,
+    bucket: int,
+    pad_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads prompts to the next multiple of `bucket`, so nearby lengths share a compile."""
+    tokens_QxP, mask_QxP = np.asarray(tokens_QxP), np.asarray(mask_QxP)
+    extra = -tokens_QxP.shape[1] % bucket
+    if extra:
+        tokens_QxP = np.pad(tokens_QxP, ((0, 0), (extra, 0)), constant_values=pad_id)
+        mask_QxP = np.pad(mask_QxP, ((0, 0), (extra, 0)))
+    return tokens_QxP, mask_QxP
+
+
+def generate(
+    model: Transformer | tuple[dict, ModelConfig],
+    prompt_tokens_BxP: np.ndarray | jax.Array,
+    prompt_mask_BxP: np.ndarray | jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    eos_ids: Iterable[int] = (),
+    pad_id: int = 0,
+    ignore_eos: bool = False,
+    prompt_bucket: int = 32,
+    use_lora: bool = True,
+) -> SampleOutput:
+    """Samples `num_samples` responses for each left-padded prompt.
+
+    Args:
+      model: a `Transformer`, or `(weights, config)` as the trainer holds them.
+      prompt_tokens_BxP, prompt_mask_BxP: left-padded prompts (mask 1 on real tokens).
+      key: PRNG key; the same key gives the same output.
+      max_new_tokens: N, the response budget per row.
+      temperature: 1.0 in training (so the returned log-probs are the trainer's); 0 = greedy.
+      top_p: nucleus sampling; keep 1.0 in training (the log-probs are of the full softmax).
+      num_samples: G responses per prompt, in consecutive rows (prompt b -> rows b*G..b*G+G-1).
+      eos_ids: tokens that end a row (see `end_token_ids`); the end token is part of the
+        response (and of its mask).
+      pad_id: fills the response after it ends.
+      ignore_eos: always generate exactly `max_new_tokens` (benchmarks).
+      prompt_bucket: prompts are left-padded to a multiple of this, so that batches of nearby
+        lengths reuse one compilation.
+      use_lora: False samples from the base model (adapters off).
+
+    Returns:
+      A `SampleOutput` with B * num_samples rows.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    weights, config = (model.weights(), model.config) if isinstance(model, Transformer) else model
+    tokens, mask = bucket_prompts(prompt_tokens_BxP, prompt_mask_BxP, prompt_bucket, pad_id)
+    return sample(
+        weights,
+        config,
+        jnp.asarray(tokens, jnp.int32),
+        jnp.asarray(mask, bool),
+        key,
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        eos_ids=tuple(sorted(int(i) for i in eos_ids)),
+        pad_id=int(pad_id),
+        ignore_eos=ignore_eos,
+        use_lora=use_lora,
+    )

@@ -1,0 +1,115 @@
+"""The KV-cache sampler: end tokens per row, log-probs equal the trainer's, determinism,
+bucketed shapes share one compilation, and the draw follows the softmax."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gxpo.models import forward, get_preset, init_model
+from gxpo.rl.grpo import token_logprobs
+from gxpo.rl.sampler import _sample_token, bucket_prompts, generate, sample
+
+
+@pytest.fixture(scope="module")
+def model():
+    return init_model(get_preset("tiny"), seed=0)
+
+
+def _prompts(lengths, width, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, 500, size=(len(lengths), width))
+    mask = np.arange(width)[None, :] >= width - np.asarray(lengths)[:, None]
+    return np.where(mask, tokens, 0), mask.astype(np.int32)
+
+
+def test_logprobs_equal_a_trainer_forward_pass(model):
+    tokens, mask = _prompts([5, 9, 2], width=9)
+    out = generate(model, tokens, mask, jax.random.key(1), max_new_tokens=12, num_samples=2)
+    logits = forward(model.weights(), model.config, out.tokens, out.attention_mask)
+    logp = token_logprobs(logits, out.tokens, temperature=1.0)
+    diff = np.where(out.response_mask, np.asarray(logp) - np.asarray(out.logprobs), 0.0)
+    assert np.abs(diff).max() < 1e-4
+    assert out.tokens.shape == (6, 32 + 12)  # prompts bucketed to 32, 2 samples per prompt
+    # Each prompt's samples sit in consecutive rows and share the prompt.
+    np.testing.assert_array_equal(out.tokens[0, :32], out.tokens[1, :32])
+
+
+def test_end_tokens_stop_each_row_and_are_kept(model):
+    tokens, mask = _prompts([4, 7, 3, 6], width=8, seed=1)
+    eos = tuple(range(0, 512, 5))  # a fifth of the vocabulary: rows stop at different steps
+    out = generate(
+        model, tokens, mask, jax.random.key(3), max_new_tokens=20, eos_ids=eos, pad_id=511
+    )
+    response = np.asarray(out.tokens)[:, 32:]
+    lengths = np.asarray(out.lengths)
+    assert len(set(lengths.tolist())) > 1
+    for row, n in zip(response, lengths):
+        hits = np.flatnonzero(np.isin(row, eos))
+        if n < 20:  # ended by an end token, which is the last token of the response
+            assert hits[0] == n - 1 and row[n - 1] in eos
+        else:
+            assert hits.size == 0 or hits[0] == 19
+        assert np.all(row[n:] == 511)
+    np.testing.assert_array_equal(
+        np.asarray(out.response_mask)[:, 32:], np.arange(20)[None] < lengths[:, None]
+    )
+    assert np.all(np.asarray(out.logprobs)[:, 32:][~np.asarray(out.response_mask)[:, 32:]] == 0)
+
+
+def test_same_key_same_output_other_key_other_output(model):
+    tokens, mask = _prompts([3, 5], width=6)
+    kw = dict(max_new_tokens=10, num_samples=2)
+    a = generate(model, tokens, mask, jax.random.key(7), **kw)
+    b = generate(model, tokens, mask, jax.random.key(7), **kw)
+    c = generate(model, tokens, mask, jax.random.key(8), **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.logprobs, b.logprobs)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_prompt_lengths_in_one_bucket_share_one_compilation(model):
+    kw = dict(max_new_tokens=6, prompt_bucket=16)
+    generate(model, *_prompts([3, 4], width=5), jax.random.key(0), **kw)
+    before = sample._cache_size()
+    for width in (7, 11, 16):
+        generate(model, *_prompts([2, width], width=width), jax.random.key(0), **kw)
+    assert sample._cache_size() == before
+    assert bucket_prompts(*_prompts([2], width=17), bucket=16)[0].shape == (1, 32)
+
+
+def test_greedy_is_argmax_of_the_full_forward(model):
+    tokens, mask = _prompts([6], width=6)
+    out = generate(model, tokens, mask, jax.random.key(0), max_new_tokens=8, temperature=0.0)
+    seq = jnp.asarray(tokens)
+    msk = jnp.asarray(mask)
+    for _ in range(8):
+        logits = forward(model.weights(), model.config, seq, msk)
+        seq = jnp.concatenate([seq, jnp.argmax(logits[:, -1], -1)[:, None]], axis=1)
+        msk = jnp.concatenate([msk, jnp.ones((1, 1), msk.dtype)], axis=1)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, 32:], np.asarray(seq)[:, 6:])
+
+
+def test_draws_follow_the_softmax_and_top_p_truncates():
+    logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05, 0.0]))[None].repeat(20000, 0)
+    token, logp = _sample_token(logits, jax.random.key(0), temperature=1.0, top_p=1.0)
+    freq = np.bincount(np.asarray(token), minlength=5) / 20000
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05, 0.0], atol=0.012)
+    np.testing.assert_allclose(np.exp(logp), np.array([0.5, 0.3, 0.15, 0.05])[token], rtol=1e-5)
+    token, _ = _sample_token(logits, jax.random.key(1), temperature=1.0, top_p=0.7)
+    freq = np.bincount(np.asarray(token), minlength=5) / 20000
+    np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0, 0], atol=0.012)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(temperature=-1.0), "temperature"),
+    ],
+)
+def test_bad_arguments(model, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        generate(model, *_prompts([2], width=2), jax.random.key(0), **kwargs)
