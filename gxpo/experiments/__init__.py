@@ -1,0 +1,1 @@
+"""Experiments built on the trainer: method comparisons and their tables."""
