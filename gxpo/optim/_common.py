@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gxpo.optim.gate import ZScoreGate
+from gxpo.optim.gate import GateState, ZScoreGate
 
 GradFn = Callable[[optax.Params], optax.Updates]
 
@@ -79,3 +79,31 @@ def cosine(a: Any, b: Any) -> jax.Array:
 
 def tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
     return jax.tree.map(lambda x, y: jnp.where(pred, x, y), on_true, on_false)
+
+
+def init_gate(gate: ZScoreGate | None) -> GateState | optax.EmptyState:
+    return optax.EmptyState() if gate is None else gate.init()
+
+
+def observe_gate(
+    gate: ZScoreGate | None, state: GateState | optax.EmptyState, value: jax.Array, ok: jax.Array
+) -> tuple[GateState | optax.EmptyState, jax.Array]:
+    """The gate after an active step observed `value` (unchanged if the step fell back, `ok`
+    false), and the value's z-score (0 without a gate, or on fallback)."""
+    if gate is None:
+        return state, jnp.zeros((), jnp.float32)
+    observed, z = gate.update(state, value)
+    return tree_select(ok, observed, state), jnp.where(ok, z, 0.0)
+
+
+def gated(
+    gate: ZScoreGate | None,
+    state: GateState | optax.EmptyState,
+    active: Callable[[], Any],
+    plain: Callable[[], Any],
+) -> Any:
+    """`active()` while the gate is on, else `plain()`; a `lax.cond`, so once the gate is off the
+    active branch (every probe gradient) is not evaluated at all."""
+    if gate is None:
+        return active()
+    return jax.lax.cond(state.on, active, plain)

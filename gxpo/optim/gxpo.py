@@ -191,7 +191,7 @@ def gxpo(
     def init_fn(params: optax.Params) -> GXPOState:
         return GXPOState(
             inner_state=inner.init(params),
-            gate=optax.EmptyState() if gate is None else gate.init(),
+            gate=_common.init_gate(gate),
             info=_empty_info(),
         )
 
@@ -255,12 +255,7 @@ def gxpo(
 
             ok = _common.tree_all_finite((g1, g_tilde, new_updates))
             g_tilde_norm = _common.tree_norm(g_tilde)
-            if gate is None:
-                new_gate, z = state.gate, jnp.zeros((), jnp.float32)
-            else:
-                observed_gate, z = gate.update(state.gate, g_tilde_norm)
-                new_gate = _common.tree_select(ok, observed_gate, state.gate)
-                z = jnp.where(ok, z, 0.0)
+            new_gate, z = _common.observe_gate(gate, state.gate, g_tilde_norm, ok)
 
             r_mean = r_sum / jnp.maximum(n_active, 1.0)
             r_var = r_sq_sum / jnp.maximum(n_active, 1.0) - r_mean**2
@@ -285,8 +280,6 @@ def gxpo(
         def plain():
             return u0, GXPOState(s1, state.gate, _empty_info(g0_norm))
 
-        if gate is None:
-            return extrapolate()
-        return jax.lax.cond(state.gate.on, extrapolate, plain)
+        return _common.gated(gate, state.gate, extrapolate, plain)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -108,7 +108,7 @@ def sfpo(
     def init_fn(params: optax.Params) -> SFPOState:
         return SFPOState(
             inner_state=inner.init(params),
-            gate=optax.EmptyState() if gate is None else gate.init(),
+            gate=_common.init_gate(gate),
             info=_empty_info(),
         )
 
@@ -139,12 +139,7 @@ def sfpo(
             ok = ok & _common.tree_all_finite((g_tilde, new_updates))
 
             g_tilde_norm = _common.tree_norm(g_tilde)
-            if gate is None:
-                new_gate, z = state.gate, jnp.zeros((), jnp.float32)
-            else:
-                observed_gate, z = gate.update(state.gate, g_tilde_norm)
-                new_gate = _common.tree_select(ok, observed_gate, state.gate)
-                z = jnp.where(ok, z, 0.0)
+            new_gate, z = _common.observe_gate(gate, state.gate, g_tilde_norm, ok)
             info = SFPOInfo(
                 active=jnp.ones((), jnp.int32),
                 fallback=(~ok).astype(jnp.int32),
@@ -164,8 +159,6 @@ def sfpo(
         def plain():
             return u0, SFPOState(s1, state.gate, _empty_info(g0_norm))
 
-        if gate is None:
-            return fast_then_correct()
-        return jax.lax.cond(state.gate.on, fast_then_correct, plain)
+        return _common.gated(gate, state.gate, fast_then_correct, plain)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
