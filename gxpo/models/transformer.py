@@ -4,6 +4,9 @@ Shapes are named with the letters of the key in `ModelConfig`'s docstring. Every
 shape is a string of those letters, and `LOGICAL_AXES` maps each letter to the logical axis name
 stored as the parameter's `out_sharding` metadata: the one table a mesh module maps to mesh axes
 (`nnx.get_partition_spec` under `nnx.logical_axis_rules`). No mesh is needed on one device.
+Under a mesh and such rules (`gxpo.train.mesh.use_mesh`), the pure functions also pin their
+activations through the same names (`constrain`): rows over "batch", logits over "vocab", the KV
+cache over "batch" and "kv_heads"; on one device that is a no-op.
 
 Layers are stacked (leading L axis on every layer parameter) and run by one `jax.lax.scan`.
 The model object only holds parameters; the math lives in pure functions of a weights dict
@@ -25,8 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.core.spmd import get_logical_axis_rules
+from jax.sharding import PartitionSpec
 
 LOGICAL_AXES: dict[str, str] = {
+    "B": "batch",  # activations only (rows of a batch or of the KV cache)
     "L": "layers",
     "V": "vocab",
     "D": "embed",
@@ -47,6 +53,13 @@ PROJECTIONS: dict[str, tuple[str, str]] = {
     "up_proj": ("D", "F"),
     "down_proj": ("F", "D"),
 }
+# Logical axes of the pinned activations: the residual stream, logits, and KV cache k / v.
+ACTIVATION_AXES = ("batch", None, None)
+LOGITS_AXES = ("batch", None, "vocab")
+KV_CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+# A DecodeCache's per-layer keys [rows, K, H, slots] and values [rows, K, slots, H].
+DECODE_KEYS_AXES = ("batch", "kv_heads", "head_dim", None)
+DECODE_VALUES_AXES = ("batch", "kv_heads", None, "head_dim")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ARCHITECTURES = ("llama", "qwen2")
 DTYPES = ("float32", "bfloat16")
@@ -74,7 +87,8 @@ class ModelConfig:
     Shape letters, used in tensor names (x_BxTxD) and einsums across gxpo.models:
       B batch rows, T tokens of this call, S key/value slots (T, or the cache capacity),
       L layers, D model width (dim), N query heads, K key/value heads, G query heads per
-      key/value head (N // K), H head_dim, F MLP width (ffn_dim), V vocabulary, R LoRA rank.
+      key/value head (N // K), H head_dim, F MLP width (ffn_dim), V vocabulary, R LoRA rank;
+      in a `DecodeCache`: Q distinct prompts, C rows per prompt (B = Q * C), P prompt slots.
 
     `param_dtype` stores the base weights, `dtype` is the compute dtype of activations and the
     KV cache; norms, softmax and logits run in float32. LoRA parameters are always float32
@@ -269,19 +283,63 @@ class Transformer(nnx.Module):
         return decode(self.weights(), self.config, tokens_B, cache, use_lora=use_lora)
 
 
+# ----------------------------------------------------------------------------- sharding
+
+
+def logical_spec(
+    axes: tuple[str | None, ...],
+    shape: tuple[int, ...],
+    rules: tuple[tuple[str, str | tuple[str, ...] | None], ...],
+    mesh_sizes: dict[str, int],
+) -> PartitionSpec:
+    """The PartitionSpec of an array whose dimensions carry the logical names `axes`.
+
+    `rules` maps a logical name to mesh axes (a name, a tuple of names, or None). A mesh axis is
+    used once per array, and a dimension that its mesh axes do not divide stays whole (e.g. 2 KV
+    heads on a tensor axis of 4), so every array of every model fits every mesh.
+    """
+    table, used, spec = dict(rules), set(), []
+    for name, size in zip(axes, shape):
+        target = table.get(name) if name is not None else None
+        mesh_axes = (target,) if isinstance(target, str) else tuple(target or ())
+        mesh_axes = tuple(a for a in mesh_axes if a in mesh_sizes and a not in used)
+        if not mesh_axes or size % math.prod(mesh_sizes[a] for a in mesh_axes):
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """`x` pinned to the layout its logical `axes` name, under the mesh (`jax.set_mesh`) and
+    logical rules (`nnx.logical_axis_rules`) a caller set, e.g. `gxpo.train.mesh.use_mesh`;
+    `x` itself otherwise. The mesh is part of jit's cache key, so a function traced without one
+    is traced again under one (the rules are read at trace time: keep them fixed per mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return x
+    spec = logical_spec(axes, x.shape, rules, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
 # ----------------------------------------------------------------------------- KV cache
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys/values of every layer for incremental decoding.
+    """Preallocated keys/values of every layer for incremental decoding, as `prefill` makes it.
 
     All rows write the same slot each step (`index`); rows whose prompt is shorter carry
     padding slots that `mask` hides, and `positions` keeps each row's own rotary position.
-    Sampling loop (the body may equally be a `jax.lax.while_loop` carrying the cache):
+    `decode` takes and returns it; a decoding loop is faster on its `for_decoding()` form:
 
         weights = fold_lora(model.weights(), model.config)  # optional: no adapter matmuls
-        logits_BxV, cache = prefill(weights, config, prompt_BxP, mask_BxP, P + max_new)
-        for _ in range(max_new):
+        logits_QxV, cache = prefill(weights, config, prompt_QxP, mask_QxP, P)
+        cache = cache.for_decoding(copies=C, slots=max_new - 1)  # C rows per prompt
+        weights = unstack_layers(weights)  # once, outside the loop
+        logits_BxV = jnp.repeat(logits_QxV, C, axis=0)
+        for _ in range(max_new):  # or a jax.lax.while_loop carrying the cache
             token_B = pick(logits_BxV)
             logits_BxV, cache = decode(weights, config, token_B, cache)
     """
@@ -302,6 +360,46 @@ class KVCache(NamedTuple):
             positions=jnp.repeat(self.positions, n, axis=0),
             index=self.index,
         )
+
+    def for_decoding(self, copies: int, slots: int) -> DecodeCache:
+        """This cache as the prompt part of a `DecodeCache` with `copies` rows per row here and
+        room for `slots` decoded tokens (every slot here, `mask` hiding those not filled)."""
+        layers = range(self.k.shape[0])
+        keys = lambda k_QxPxKxH: constrain(k_QxPxKxH.transpose(0, 2, 3, 1), DECODE_KEYS_AXES)
+        values = lambda v_QxPxKxH: constrain(v_QxPxKxH.transpose(0, 2, 1, 3), DECODE_VALUES_AXES)
+        Q, _, K, H = self.k.shape[1:]
+        zeros = lambda *shape: jnp.zeros(shape, self.k.dtype)
+        empty_k_BxKxHxS = constrain(zeros(Q * copies, K, H, slots), DECODE_KEYS_AXES)
+        empty_v_BxKxSxH = constrain(zeros(Q * copies, K, slots, H), DECODE_VALUES_AXES)
+        return DecodeCache(
+            prompt_k=tuple(keys(self.k[i]) for i in layers),
+            prompt_v=tuple(values(self.v[i]) for i in layers),
+            prompt_mask=self.mask,
+            k=(empty_k_BxKxHxS,) * len(layers),
+            v=(empty_v_BxKxSxH,) * len(layers),
+            positions=jnp.repeat(self.positions, copies, axis=0),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+class DecodeCache(NamedTuple):
+    """The KV cache as a decoding loop carries it (`KVCache.for_decoding`).
+
+    Per layer, since slicing one layer out of a stacked array copies it at every step. Keys
+    [rows, K, H, slots] and values [rows, K, slots, H]: both attention matmuls then read the
+    cache as a plain (untransposed) right operand, about twice as fast on CPU as keys stored
+    like values. Each prompt's keys and values are held once for its C rows (drawing C samples
+    per prompt then reads them once per step, not C times), the decoded tokens' per row; every
+    row writes decoded slot `index` at each step, so slots [0, index] are the ones visible.
+    """
+
+    prompt_k: tuple[jax.Array, ...]  # L x [Q, K, H, P] compute dtype
+    prompt_v: tuple[jax.Array, ...]  # L x [Q, K, P, H] compute dtype
+    prompt_mask: jax.Array  # [Q, P] bool: slot holds a real prompt token
+    k: tuple[jax.Array, ...]  # L x [B, K, H, S] compute dtype: decoded tokens, B = Q * C
+    v: tuple[jax.Array, ...]  # L x [B, K, S, H] compute dtype
+    positions: jax.Array  # [B] int32: rotary position of the row's next token
+    index: jax.Array  # [] int32: next decoded slot to write
 
 
 # ----------------------------------------------------------------------------- the math
@@ -347,18 +445,23 @@ def _rms_norm(x_BxTxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
 
 
 def _project(config: ModelConfig, p: dict, name: str, x: jax.Array, use_lora: bool) -> jax.Array:
-    """x [B, T, *in] -> [B, T, *out] through projection `name` of one layer's params `p`."""
+    """x [B, T, *in] -> [B, T, *out] through projection `name` of one layer's params `p`.
+
+    As one 2-D matmul over the flattened axes: given `NH,NHD->D`, XLA may transpose the
+    [N, H, D] kernel at every call, which in a decoding step costs as much as the matmul."""
     i, o = PROJECTIONS[name]
     p = p[name]
     dtype = x.dtype
-    y = jnp.einsum(f"BT{i},{i}{o}->BT{o}", x, p["kernel"].astype(dtype))
+    B, T = x.shape[:2]
+    x_BxTxI = x.reshape(B, T, -1)
+    y_BxTxO = x_BxTxI @ p["kernel"].astype(dtype).reshape(x_BxTxI.shape[-1], -1)
     if "bias" in p:
-        y = y + p["bias"].astype(dtype)
+        y_BxTxO = y_BxTxO + p["bias"].astype(dtype).reshape(-1)
     if use_lora and "lora_a" in p:
-        a_BxTxR = jnp.einsum(f"BT{i},{i}R->BTR", x, p["lora_a"].astype(dtype))
+        a_BxTxR = x_BxTxI @ p["lora_a"].astype(dtype).reshape(x_BxTxI.shape[-1], -1)
         a_BxTxR = a_BxTxR * jnp.asarray(config.lora_scale, dtype)
-        y = y + jnp.einsum(f"BTR,R{o}->BT{o}", a_BxTxR, p["lora_b"].astype(dtype))
-    return y
+        y_BxTxO = y_BxTxO + a_BxTxR @ p["lora_b"].astype(dtype).reshape(a_BxTxR.shape[-1], -1)
+    return y_BxTxO.reshape(B, T, *config.shape(o))
 
 
 def _attend(
@@ -402,9 +505,11 @@ def _logits(config: ModelConfig, weights: dict, x_BxTxD: jax.Array) -> jax.Array
     x_BxTxD = _rms_norm(x_BxTxD, weights["final_norm"], config.norm_eps)
     if config.tie_embeddings:
         embed_VxD = weights["embed"].astype(x_BxTxD.dtype)
-        return jnp.einsum("BTD,VD->BTV", x_BxTxD, embed_VxD, preferred_element_type=jnp.float32)
-    head_DxV = weights["lm_head"].astype(x_BxTxD.dtype)
-    return jnp.einsum("BTD,DV->BTV", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,VD->BTV", x_BxTxD, embed_VxD, preferred_element_type=jnp.float32)
+    else:
+        head_DxV = weights["lm_head"].astype(x_BxTxD.dtype)
+        logits = jnp.einsum("BTD,DV->BTV", x_BxTxD, head_DxV, preferred_element_type=jnp.float32)
+    return constrain(logits, LOGITS_AXES)
 
 
 def _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv):
@@ -420,14 +525,16 @@ def _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv):
         return _attend(q, k, v, mask_BxTxT), ((k, v) if collect_kv else None)
 
     def body(x, p):
-        return _layer(config, p, x, rope, attend, use_lora)
+        x, aux = _layer(config, p, x, rope, attend, use_lora)
+        return constrain(x, ACTIVATION_AXES), aux
 
     if config.remat:
         body = jax.checkpoint(body)
-    return jax.lax.scan(body, _embed(config, weights, tokens_BxT), weights["layers"])
+    x_BxTxD = constrain(_embed(config, weights, tokens_BxT), ACTIVATION_AXES)
+    return jax.lax.scan(body, x_BxTxD, weights["layers"])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "use_lora"))
+@functools.partial(jax.jit, static_argnames=("config", "use_lora", "logits_start"))
 def forward(
     weights: dict,
     config: ModelConfig,
@@ -435,16 +542,19 @@ def forward(
     mask_BxT: jax.Array | None = None,
     *,
     use_lora: bool = True,
+    logits_start: int = 0,
 ) -> jax.Array:
-    """Logits [B, T, V] in float32 of a full sequence.
+    """Logits [B, T - logits_start, V] in float32 of a full sequence.
 
     `mask_BxT` (1 = real token, 0 = padding; left or right padding) sets the rotary positions
     (cumsum(mask) - 1) and hides padded keys; outputs at padded positions are meaningless.
+    `logits_start` skips the output head for the first positions (a training step needs logits
+    only where responses are predicted; the head is a large share of a small model's cost).
     """
     if mask_BxT is None:
         mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
     x, _ = _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv=False)
-    return _logits(config, weights, x)
+    return _logits(config, weights, x[:, logits_start:])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "cache_size", "use_lora"))
@@ -474,8 +584,8 @@ def prefill(
     pad = cache_size - T
     kv_pad = ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0))
     cache = KVCache(
-        k=jnp.pad(k, kv_pad),
-        v=jnp.pad(v, kv_pad),
+        k=constrain(jnp.pad(k, kv_pad), KV_CACHE_AXES),
+        v=constrain(jnp.pad(v, kv_pad), KV_CACHE_AXES),
         mask=jnp.pad(mask_BxT, ((0, 0), (0, pad))),
         positions=mask_BxT.sum(axis=1, dtype=jnp.int32),
         index=jnp.asarray(T, jnp.int32),
@@ -483,42 +593,137 @@ def prefill(
     return logits_BxV, cache
 
 
+def unstack_layers(weights: dict) -> dict:
+    """`weights` with `layers` as a tuple of per-layer dicts, as `decode` reads them. A decoding
+    loop makes this once, before the loop: a layer's slice of a stacked array taken inside the
+    loop is copied at every step."""
+    layers = weights["layers"]
+    if isinstance(layers, tuple):
+        return weights
+    leaves, treedef = jax.tree.flatten(layers)
+    count = leaves[0].shape[0]
+    return {
+        **weights,
+        "layers": tuple(treedef.unflatten([x[i] for x in leaves]) for i in range(count)),
+    }
+
+
+def _attend_cached(
+    q_BxKxGxH: jax.Array,
+    pk_QxKxHxP: jax.Array,
+    pv_QxKxPxH: jax.Array,
+    prompt_mask_QxP: jax.Array,
+    k_BxKxHxS: jax.Array,
+    v_BxKxSxH: jax.Array,
+    visible_S: jax.Array,
+) -> jax.Array:
+    """One query per row and head over its prompt's slots and its own decoded slots, one softmax.
+
+    A prompt's C rows query its keys together (C * G queries per key/value head in one matmul).
+    The weights stay unnormalised until the [B, K, G, H] output, the smallest place to divide."""
+    Q, K, P, H = pv_QxKxPxH.shape
+    B, _, G, _ = q_BxKxGxH.shape
+    C = B // Q
+    f32, dtype = jnp.float32, v_BxKxSxH.dtype
+
+    def to_prompts(x_BxKxG):  # [B, K, G, ...] -> [Q, K, C * G, ...]
+        rest = x_BxKxG.shape[3:]
+        x = x_BxKxG.reshape(Q, C, K, G, *rest).swapaxes(1, 2)
+        return x.reshape(Q, K, C * G, *rest)
+
+    def to_rows(x_QxKxM):  # [Q, K, C * G, ...] -> [B, K, G, ...]
+        rest = x_QxKxM.shape[3:]
+        x = x_QxKxM.reshape(Q, K, C, G, *rest).swapaxes(1, 2)
+        return x.reshape(B, K, G, *rest)
+
+    sp_QxKxMxP = jnp.einsum(
+        "QKMH,QKHP->QKMP", to_prompts(q_BxKxGxH), pk_QxKxHxP, preferred_element_type=f32
+    )
+    sp_QxKxMxP = jnp.where(prompt_mask_QxP[:, None, None], sp_QxKxMxP, _MASKED)
+    s_BxKxGxS = jnp.einsum("BKGH,BKHS->BKGS", q_BxKxGxH, k_BxKxHxS, preferred_element_type=f32)
+    s_BxKxGxS = jnp.where(visible_S, s_BxKxGxS, _MASKED)
+    max_BxKxG = jnp.maximum(to_rows(jnp.max(sp_QxKxMxP, axis=-1)), jnp.max(s_BxKxGxS, axis=-1))
+    ep_QxKxMxP = jnp.exp(sp_QxKxMxP - to_prompts(max_BxKxG)[..., None])
+    e_BxKxGxS = jnp.exp(s_BxKxGxS - max_BxKxG[..., None])
+    y_QxKxMxH = jnp.einsum(
+        "QKMP,QKPH->QKMH", ep_QxKxMxP.astype(dtype), pv_QxKxPxH, preferred_element_type=f32
+    )
+    y_BxKxGxH = to_rows(y_QxKxMxH) + jnp.einsum(
+        "BKGS,BKSH->BKGH", e_BxKxGxS.astype(dtype), v_BxKxSxH, preferred_element_type=f32
+    )
+    total_BxKxG = to_rows(jnp.sum(ep_QxKxMxP, axis=-1)) + jnp.sum(e_BxKxGxS, axis=-1)
+    return (y_BxKxGxH / total_BxKxG[..., None]).astype(q_BxKxGxH.dtype)
+
+
+def _decode_layer_attend(slot, prompt_mask_QxP, visible_S, pk, pv, k_cache, v_cache, q, k, v):
+    """`_layer`'s attend for one layer of a `DecodeCache`: writes this token's keys and values
+    in decoded slot `slot`, then attends (q [B, 1, K, G, H], k and v [B, 1, K, H])."""
+    zero = jnp.zeros((), jnp.int32)
+    k_BxKxHx1 = k.transpose(0, 2, 3, 1).astype(k_cache.dtype)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxKxHx1, (zero, zero, zero, slot))
+    v_BxKx1xH = v.swapaxes(1, 2).astype(v_cache.dtype)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxKx1xH, (zero, zero, slot, zero))
+    y_BxKxGxH = _attend_cached(q[:, 0], pk, pv, prompt_mask_QxP, k_cache, v_cache, visible_S)
+    k_cache = constrain(k_cache, DECODE_KEYS_AXES)
+    v_cache = constrain(v_cache, DECODE_VALUES_AXES)
+    return y_BxKxGxH[:, None], (k_cache, v_cache)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "use_lora"), donate_argnames=("cache",))
 def decode(
     weights: dict,
     config: ModelConfig,
     tokens_B: jax.Array,
-    cache: KVCache,
+    cache: KVCache | DecodeCache,
     *,
     use_lora: bool = True,
-) -> tuple[jax.Array, KVCache]:
-    """Feeds one token per row at slot `cache.index`; returns the next-token logits [B, V] and
-    the updated cache. The cache is updated in place (donated when called eagerly; inside a
-    jitted loop, carry it): per layer one dynamic_update_slice of [B, 1, K, H]."""
-    B = tokens_B.shape[0]
+) -> tuple[jax.Array, KVCache | DecodeCache]:
+    """Feeds one token per row; returns the next-token logits [B, V] and the updated cache, of
+    the kind given. The cache is updated in place (donated when called eagerly; inside a jitted
+    loop, carry it).
+
+    A `KVCache` takes the token at slot `cache.index`. A decoding loop should carry a
+    `DecodeCache` instead and pass `unstack_layers(weights)`, both made once before the loop
+    (see `KVCache`): the layers are then unrolled, each reading its own weights and cache
+    without a copy; `weights` stacked still works, at the cost of that copy per step."""
+    if isinstance(cache, KVCache):
+        return _decode_into(weights, config, tokens_B, cache, use_lora)
+    weights = unstack_layers(weights)
     slot = cache.index
-    mask_BxS = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((B, 1), bool), (0, slot))
+    visible_S = jnp.arange(cache.v[0].shape[2]) <= slot
     rope = _rope_tables(config, cache.positions[:, None])
-    zero = jnp.zeros((), jnp.int32)
-
-    def body(carry, p_and_layer):
-        x, k_cache, v_cache = carry
-        p, layer = p_and_layer
-
-        def attend(q, k, v):
-            start = (layer, zero, slot, zero, zero)
-            kc = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), start)
-            vc = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), start)
-            return _attend(q, kc[layer], vc[layer], mask_BxS[:, None, :]), (kc, vc)
-
+    x = constrain(_embed(config, weights, tokens_B[:, None]), ACTIVATION_AXES)
+    k, v = [], []
+    for p, *kv in zip(weights["layers"], cache.prompt_k, cache.prompt_v, cache.k, cache.v):
+        attend = functools.partial(_decode_layer_attend, slot, cache.prompt_mask, visible_S, *kv)
         x, (k_cache, v_cache) = _layer(config, p, x, rope, attend, use_lora)
-        return (x, k_cache, v_cache), None
-
-    x = _embed(config, weights, tokens_B[:, None])
-    layers = (weights["layers"], jnp.arange(config.num_layers, dtype=jnp.int32))
-    (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v), layers)
-    new_cache = KVCache(k, v, mask_BxS, cache.positions + 1, slot + 1)
+        k.append(k_cache)
+        v.append(v_cache)
+    new_cache = cache._replace(
+        k=tuple(k), v=tuple(v), positions=cache.positions + 1, index=slot + 1
+    )
     return _logits(config, weights, x)[:, 0], new_cache
+
+
+def _decode_into(weights, config, tokens_B, cache: KVCache, use_lora):
+    """`decode` on a `KVCache`: its slots serve as the prompt of a one-slot `DecodeCache`, whose
+    new keys and values then go to slot `index`."""
+    logits_BxV, step = decode(
+        weights, config, tokens_B, cache.for_decoding(copies=1, slots=1), use_lora=use_lora
+    )
+    new_k = jnp.stack(step.k).transpose(0, 1, 4, 2, 3)  # [L, B, 1, K, H]
+    new_v = jnp.stack(step.v).transpose(0, 1, 3, 2, 4)
+    slot, zero = cache.index, jnp.zeros((), jnp.int32)
+    at = (zero, zero, slot, zero, zero)
+    B = tokens_B.shape[0]
+    new_cache = KVCache(
+        k=constrain(jax.lax.dynamic_update_slice(cache.k, new_k, at), KV_CACHE_AXES),
+        v=constrain(jax.lax.dynamic_update_slice(cache.v, new_v, at), KV_CACHE_AXES),
+        mask=jax.lax.dynamic_update_slice(cache.mask, jnp.ones((B, 1), bool), (zero, slot)),
+        positions=cache.positions + 1,
+        index=slot + 1,
+    )
+    return logits_BxV, new_cache
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> Transformer:

@@ -1,13 +1,14 @@
 """Batched KV-cache sampling from the very params being trained.
 
 Shape key: Q distinct prompts, G samples per prompt, B = Q * G rows, P prompt length (left
-padded, bucketed), N max new tokens, V vocabulary.
+padded, bucketed), N max new tokens, V vocabulary, M vocabulary blocks of W tokens.
 
-One jitted function per (Q, P bucket, N, G, sampling rule): the prompt is prefilled once per
-distinct prompt and its cache repeated G times (PERF.md: the cheapest lever), then a
+One jitted function per (Q, P bucket, N, G, sampling rule): each distinct prompt is prefilled
+once and its keys and values are kept once for its G samples (a `DecodeCache`), then a
 `jax.lax.while_loop` decodes one token per row per step until every row has emitted an end token
 or N tokens. A token is drawn with a single uniform per row through the CDF, which is exact
-and avoids generating V random numbers per row per step.
+and avoids generating V random numbers per row per step; the CDF is searched in two levels
+(block sums, then one block), so no step runs a cumulative sum over all V.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gxpo.models.transformer import ModelConfig, Transformer, decode, prefill
+from gxpo.models.transformer import ModelConfig, Transformer, decode, prefill, unstack_layers
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+_BLOCK = 256  # vocabulary block of the two-level inverse CDF: sqrt(V) for V ~ 64k
 
 
 class SampleOutput(NamedTuple):
@@ -56,23 +58,50 @@ def _sample_token(
     logits_BxV = logits_BxV.astype(jnp.float32)
     if temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-        logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
-        return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
-    logp_BxV = jax.nn.log_softmax(logits_BxV / temperature, axis=-1)
-    probs_BxV = jnp.exp(logp_BxV)
+        best_Bx1 = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)
+        return token_B, -jnp.log(jnp.sum(jnp.exp(logits_BxV - best_Bx1), axis=-1))
+    scaled_BxV = logits_BxV / temperature
+    max_Bx1 = jnp.max(scaled_BxV, axis=-1, keepdims=True)
+    weights_BxV = jnp.exp(scaled_BxV - max_Bx1)  # unnormalised probabilities, the largest 1
+    total_B = jnp.sum(weights_BxV, axis=-1)
     if top_p < 1.0:
         # Keep the smallest set of most likely tokens whose mass reaches top_p.
-        sorted_BxV = jnp.sort(probs_BxV, axis=-1)[:, ::-1]
+        sorted_BxV = jnp.sort(weights_BxV, axis=-1)[:, ::-1]
         before_BxV = jnp.cumsum(sorted_BxV, axis=-1) - sorted_BxV
-        kept_BxV = jnp.where(before_BxV < top_p, sorted_BxV, jnp.inf)
-        cutoff_B = jnp.min(kept_BxV, axis=-1)
-        probs_BxV = jnp.where(probs_BxV >= cutoff_B[:, None], probs_BxV, 0.0)
-    cdf_BxV = jnp.cumsum(probs_BxV, axis=-1)
-    # u in (0, 1]: the first index whose cdf reaches u * total has positive probability.
+        kept_BxV = jnp.where(before_BxV < top_p * total_B[:, None], sorted_BxV, jnp.inf)
+        cutoff_Bx1 = jnp.min(kept_BxV, axis=-1, keepdims=True)
+        weights_BxV = jnp.where(weights_BxV >= cutoff_Bx1, weights_BxV, 0.0)
+    # u in (0, 1]: the first token whose running mass reaches u * total has positive mass.
     u_B = 1.0 - jax.random.uniform(key, (logits_BxV.shape[0],), jnp.float32)
-    target_Bx1 = (u_B * cdf_BxV[:, -1])[:, None]
-    token_B = jnp.sum(cdf_BxV < target_Bx1, axis=-1).astype(jnp.int32)
-    return token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0]
+    token_B = _inverse_cdf(weights_BxV, u_B)
+    scaled_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
+    return token_B, scaled_B - max_Bx1[:, 0] - jnp.log(total_B)
+
+
+def _inverse_cdf(weights_BxV: jax.Array, u_B: jax.Array) -> jax.Array:
+    """Per row, the first index whose running sum of `weights` (>= 0, some > 0) reaches u times
+    their total: by blocks of `_BLOCK`, a running sum over the block sums, then one inside the
+    block it lands in. Two short cumsums instead of one over V (several full passes on CPU)."""
+    B, V = weights_BxV.shape
+    blocks_BxMxW = jnp.pad(weights_BxV, ((0, 0), (0, -V % _BLOCK))).reshape(B, -1, _BLOCK)
+    sums_BxM = jnp.sum(blocks_BxMxW, axis=-1)
+    cum_BxM = jnp.cumsum(sums_BxM, axis=-1)
+    target_B = u_B * cum_BxM[:, -1]
+    # Rounding (the running sums need not be monotone) must never pick an empty block or an
+    # empty slot: take the first nonempty block reaching the target, else the last nonempty.
+    nonempty_BxM = sums_BxM > 0
+    reached_BxM = (cum_BxM >= target_B[:, None]) & nonempty_BxM
+    last_B = sums_BxM.shape[1] - 1 - jnp.argmax(nonempty_BxM[:, ::-1], axis=-1)
+    block_B = jnp.where(reached_BxM.any(axis=-1), jnp.argmax(reached_BxM, axis=-1), last_B)
+    take = lambda x_BxM: jnp.take_along_axis(x_BxM, block_B[:, None], axis=-1)[:, 0]
+    inner_BxW = jnp.take_along_axis(blocks_BxMxW, block_B[:, None, None], axis=1)[:, 0]
+    rest_B = target_B - (take(cum_BxM) - take(sums_BxM))
+    index_B = jnp.sum(jnp.cumsum(inner_BxW, axis=-1) < rest_B[:, None], axis=-1)
+    positive_BxW = inner_BxW > 0
+    first_B = jnp.argmax(positive_BxW, axis=-1)
+    last_in_block_B = _BLOCK - 1 - jnp.argmax(positive_BxW[:, ::-1], axis=-1)
+    index_B = jnp.clip(index_B, first_B, last_in_block_B)
+    return (block_B * _BLOCK + index_B).astype(jnp.int32)
 
 
 @functools.partial(
@@ -109,12 +138,13 @@ def sample(
     Q, P = prompt_tokens_QxP.shape
     N, G = max_new_tokens, num_samples
     prompt_mask_QxP = prompt_mask_QxP.astype(bool)
-    logits_QxV, cache = prefill(
-        weights, config, prompt_tokens_QxP, prompt_mask_QxP, P + N, use_lora=use_lora
+    logits_QxV, prompt_cache = prefill(
+        weights, config, prompt_tokens_QxP, prompt_mask_QxP, P, use_lora=use_lora
     )
-    if G > 1:
-        cache = cache.repeat(G)
-        logits_QxV = jnp.repeat(logits_QxV, G, axis=0)
+    # Slots for the N - 1 tokens fed back (the last drawn token is never fed).
+    cache = prompt_cache.for_decoding(copies=G, slots=max(N - 1, 1))
+    weights = unstack_layers(weights)
+    logits_BxV = jnp.repeat(logits_QxV, G, axis=0)
     B = Q * G
     eos = jnp.asarray(eos_ids if eos_ids and not ignore_eos else (-1,), jnp.int32)
 
@@ -133,7 +163,7 @@ def sample(
         return tokens_BxN, logp_BxN
 
     not_done_B = jnp.zeros((B,), bool)
-    token_B, logp_B, done_B = pick(logits_QxV, 0, not_done_B)
+    token_B, logp_B, done_B = pick(logits_BxV, 0, not_done_B)
     lengths_B = jnp.ones((B,), jnp.int32)
     buffers = write(
         (jnp.full((B, N), pad_id, jnp.int32), jnp.zeros((B, N), jnp.float32)), 0, token_B, logp_B
