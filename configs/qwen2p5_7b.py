@@ -7,17 +7,26 @@
 model.path: the hub id (downloaded on first use when the machine is online) or a local
 Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files), e.g. from
 `huggingface-cli download Qwen/Qwen2.5-7B-Instruct`.
-Hardware: sized for 4 x H100 80GB (the paper's setup); one 80GB GPU runs it with
---config.mesh.data=1 and more mini-batches. Evaluation: Math-500, AMC23, GSM8K, Minerva Math,
-OlympiadBench, avg pass@1 over 4 samples at temperature 1.0.
+Hardware: `--config=configs/qwen2p5_7b.py:h100x4` (the default: 4 x H100 80GB, the
+paper's setup, FSDP) or `:h100x1` (one 80 GB GPU); run with XLA_PYTHON_CLIENT_MEM_FRACTION=.92.
+Both use remat and 5 rows per GPU per optimizer update (so more mini-batches than the paper:
+activations and logits of 4096-token rows); one GPU samples 32 prompts per step instead of 128.
+The per-GPU memory estimate is printed before compiling.
+Evaluation: Math-500, AMC23, GSM8K, Minerva Math, OlympiadBench, avg pass@1 over 4 samples at
+temperature 1.0.
 Expected: the paper reports GXPO reaching GRPO's peak accuracy in fewer steps; this config has
 not been run to completion here (no such GPUs at hand), see README.md, "Results".
 """
 
-from gxpo.train.defaults import base_config
+from gxpo.train.defaults import base_config, set_hardware
+
+HARDWARE = {  # rows per update and KV cache sized by gxpo.train.mesh's estimate
+    "h100x4": dict(data=1, fsdp=4, mini_batches=32),  # FSDP: 3.5 GiB of weights per GPU
+    "h100x1": dict(data=1, mini_batches=32, prompts_per_step=32),  # 5 rows per update
+}
 
 
-def get_config():
+def get_config(hardware: str = "h100x4"):
     c = base_config()  # the paper's protocol: see gxpo/train/defaults.py
     c.model.path = "Qwen/Qwen2.5-7B-Instruct"  # or a local checkpoint directory
-    return c
+    return set_hardware(c, HARDWARE, hardware)

@@ -188,4 +188,12 @@ def validate(config: Any) -> None:
         f"must divide rollout.prompts_per_step={r.prompts_per_step} "
         "(each mini-batch holds whole prompt groups)",
     )
+    _check(tr.micro_batches >= 1, "train.micro_batches", tr.micro_batches, "must be >= 1")
+    _check(
+        r.prompts_per_step % (tr.mini_batches * tr.micro_batches) == 0,
+        "train.micro_batches",
+        tr.micro_batches,
+        f"times train.mini_batches={tr.mini_batches} must divide rollout.prompts_per_step="
+        f"{r.prompts_per_step} (each micro-batch holds whole prompt groups)",
+    )
     _check(tr.checkpoint_every >= 0, "train.checkpoint_every", tr.checkpoint_every, "must be >= 0")

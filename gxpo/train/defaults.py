@@ -102,7 +102,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1  # -1 = all devices not used by the other axes
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-    c.mesh.multihost = False  # call jax.distributed.initialize() first
+    c.mesh.multihost = False  # call jax.distributed.initialize() first (gxpo.train.mesh)
+    # The per-device memory estimate printed before compiling is checked against what the device
+    # reports (GPU/TPU) or, where it reports nothing (CPU), this many GiB; 0 = no check there.
+    c.mesh.device_memory_gb = 0.0
+    c.mesh.memory_check = "raise"  # over the limit: "raise" | "warn" | "off"
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 25  # steps between evaluations; 0 = only at the end
@@ -117,9 +121,43 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300
     c.train.mini_batches = 1  # optimizer updates per rollout batch
+    # Gradient accumulation: each mini-batch's gradients (g0 and every probe's) are summed over
+    # this many micro-batches, one in memory at a time; the update is the same.
+    c.train.micro_batches = 1
     c.train.checkpoint_every = 50  # 0 = only at the end
     c.train.keep_checkpoints = 2
     c.train.seed = 0
     c.train.workdir = ""  # "" = runs/<config name>; --workdir overrides
     c.train.quiet = False  # no progress bar (tests)
+    return c
+
+
+# What the GPU configs' hardware presets may set (`--config=configs/<model>.py:<hardware>`).
+HARDWARE = {
+    "h100x4": "4 x H100 80GB on one host (the paper's setup)",
+    "h100x1": "one 80 GB GPU",
+}
+
+
+def set_hardware(
+    c: ml_collections.ConfigDict, presets: dict[str, dict], hardware: str
+) -> ml_collections.ConfigDict:
+    """Applies a GPU config's preset for `hardware` (a key of `HARDWARE`): mesh axes, remat,
+    optimizer updates per rollout (rows per update), and where memory needs it fewer prompts.
+
+    The presets come from `gxpo.train.mesh.estimate_memory` at 4096 tokens per row with a
+    68 GiB budget per GPU, the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92.
+    """
+    if hardware not in presets:
+        raise ValueError(
+            f"hardware {hardware!r}: allowed values are {tuple(presets)} "
+            f"({', '.join(f'{k}: {HARDWARE[k]}' for k in presets)}); "
+            "pass it as --config=configs/<model>.py:<hardware>"
+        )
+    p = presets[hardware]
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = p.get("data", -1), p.get("fsdp", 1), 1
+    c.model.remat = True
+    c.train.mini_batches = p["mini_batches"]
+    c.rollout.prompts_per_step = p.get("prompts_per_step", c.rollout.prompts_per_step)
+    c.eval.prompts_per_batch = min(c.eval.prompts_per_batch, c.rollout.prompts_per_step)
     return c

@@ -24,7 +24,7 @@ from gxpo.models.char_tokenizer import char_tokenizer
 from gxpo.models.checkpoints import load_pretrained
 from gxpo.models.lora import split_trainable
 from gxpo.models.presets import get_preset
-from gxpo.models.transformer import Transformer, init_model
+from gxpo.models.transformer import ModelConfig, init_model
 from gxpo.optim import ZScoreGate
 from gxpo.rl import grpo
 from gxpo.rl.data import ArithTask, BatchIterator, Example, build_prompt, encode_prompts
@@ -32,14 +32,19 @@ from gxpo.rl.data import load_examples as load_dataset
 from gxpo.rl.evaluate import format_table, summarize
 from gxpo.rl.rewards import RewardScorer, canonical_answer, extract_answer
 from gxpo.rl.sampler import end_token_ids, sample
+from gxpo.train import mesh as mesh_lib
 from gxpo.train import step as step_lib
 from gxpo.train.checkpoint import Checkpointer
 from gxpo.train.config import resolve_model_path, validate
 from gxpo.train.logging import ProgressBar, RunLogger
 
 
-def load_model(m: ml_collections.ConfigDict, seed: int) -> tuple[Transformer, Any]:
-    """(model, tokenizer) for the config's `model` group."""
+def load_model(
+    m: ml_collections.ConfigDict, seed: int, mesh: jax.sharding.Mesh
+) -> tuple[ModelConfig, dict, dict, Any]:
+    """(model config, trainable weights, frozen weights, tokenizer) for the config's `model`
+    group, placed on `mesh`. A random init runs as one jit with out_shardings, so no device
+    ever holds more than its shards."""
     options = dict(
         dtype=m.dtype,
         param_dtype=m.param_dtype or m.dtype,
@@ -49,16 +54,28 @@ def load_model(m: ml_collections.ConfigDict, seed: int) -> tuple[Transformer, An
         remat=m.remat,
     )
     if m.path == "":
-        model = init_model(get_preset(m.preset, **options), seed=seed)
-        tokenizer = char_tokenizer()  # fits any vocabulary: random models have no tokenizer
-    else:
-        model, tokenizer = load_pretrained(resolve_model_path(m.path), seed=seed, **options)
-        if tokenizer is None:
-            raise ValueError(
-                f"config.model.path={m.path!r} has no tokenizer files (tokenizer.json, ...); "
-                "training needs the checkpoint's tokenizer"
-            )
-    return model, tokenizer
+        config = get_preset(m.preset, **options)
+
+        def init():
+            _, trainable, frozen = split_trainable(init_model(config, seed=seed))
+            return _pure(trainable), _pure(frozen)
+
+        shardings = mesh_lib.weight_shardings(config, mesh)
+        trainable, frozen = mesh_lib.init_sharded(init, shardings)
+        return config, trainable, frozen, char_tokenizer()  # random models have no tokenizer
+    model, tokenizer = load_pretrained(resolve_model_path(m.path), seed=seed, **options)
+    if tokenizer is None:
+        raise ValueError(
+            f"config.model.path={m.path!r} has no tokenizer files (tokenizer.json, ...); "
+            "training needs the checkpoint's tokenizer"
+        )
+    shardings = mesh_lib.weight_shardings(model.config, mesh)
+    _, trainable, frozen = split_trainable(model)
+    trainable, frozen = _pure(trainable), _pure(frozen)
+    placed = mesh_lib.place(
+        (trainable, frozen), (mesh_lib.like(shardings, trainable), mesh_lib.like(shardings, frozen))
+    )
+    return model.config, *placed, tokenizer
 
 
 def _pure(state: nnx.State) -> dict:
@@ -99,7 +116,18 @@ class Trainer:
 
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
         validate(config)
+        mesh_lib.initialize_distributed(config.mesh)  # before any other JAX call
         self.config = c = config
+        self.mesh = mesh_lib.make_mesh(c.mesh)
+        self.is_main = jax.process_index() == 0  # only process 0 writes files and prints
+        self.update_rows = (
+            c.rollout.prompts_per_step * c.rollout.responses_per_prompt // c.train.mini_batches
+        )
+        mesh_lib.check_rows(
+            self.update_rows,
+            self.mesh,
+            "config.rollout.prompts_per_step * responses_per_prompt / train.mini_batches",
+        )
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         key = jax.random.key(c.train.seed)
@@ -114,11 +142,10 @@ class Trainer:
         self.scorer = RewardScorer()
         self.scorer.start()  # verifier workers warm up while the model loads and compiles
 
-        model, self.tokenizer = load_model(c.model, c.train.seed)
-        self.model_config = model.config
-        _, trainable, frozen = split_trainable(model)
-        self.trainable, self.frozen = _pure(trainable), _pure(frozen)
-        del model
+        self.model_config, self.trainable, self.frozen, self.tokenizer = load_model(
+            c.model, c.train.seed, self.mesh
+        )
+        mesh_lib.check_memory(c, self.model_config, self.mesh, verbose=not c.train.quiet)
         self.eos_ids = end_token_ids(self.tokenizer)
         self.pad_id = (
             self.tokenizer.pad_token_id
@@ -179,14 +206,32 @@ class Trainer:
             sfpo_kwargs=dict(fast_steps=pu.sfpo.fast_steps, reposition=pu.sfpo.reposition),
             gate=gate,
         )
-        self.opt_state = self.tx.init(self.trainable)
-        self.update = step_lib.make_update_step(self.tx, loss_fn, info_prefix=pu.name)
+        shardings = mesh_lib.weight_shardings(self.model_config, self.mesh)
+        trainable_sh = mesh_lib.like(shardings, self.trainable)
+        frozen_sh = mesh_lib.like(shardings, self.frozen)
+        opt_sh = mesh_lib.opt_state_shardings(self.tx, self.trainable, trainable_sh, self.mesh)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.trainable)
+        self.batch_sharding = mesh_lib.batch_sharding(self.mesh, self.update_rows)
+        update = step_lib.make_update_step(
+            self.tx,
+            loss_fn,
+            info_prefix=pu.name,
+            micro_batches=c.train.micro_batches,
+            group_size=G,
+            aggregation=c.loss.aggregation,
+            in_shardings=(trainable_sh, opt_sh, frozen_sh, self.batch_sharding),
+            out_shardings=(trainable_sh, opt_sh, mesh_lib.replicated(self.mesh)),
+        )
+        self.update = mesh_lib.on_mesh(self.mesh, update)
+        self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
+        self._logprobs_fn = mesh_lib.on_mesh(self.mesh, step_lib.batch_logprobs)
 
         self.step = 0
         self.counters = Counters()
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=c.train.keep_checkpoints)
         self._maybe_resume()
-        (self.workdir / "config.json").write_text(c.to_json(indent=2))
+        if self.is_main:
+            (self.workdir / "config.json").write_text(c.to_json(indent=2))
         self.logger = RunLogger(self.workdir, start_step=self.step + 1)
 
     # ------------------------------------------------------------------ data
@@ -232,13 +277,15 @@ class Trainer:
     def weights(self) -> dict:
         return step_lib.merge_weights(self.trainable, self.frozen)
 
-    def _sample(self, examples, key, *, num_samples, max_new_tokens, temperature):
+    def _sample(self, examples, key, *, num_samples, max_new_tokens, temperature, own_rows):
+        """Samples on the mesh; returns the output, the decoded texts of this process's rows
+        (`own_rows`) or of all rows, every row's length, and which rows the texts are."""
         tokens_QxP, mask_QxP = self._encode(examples)
-        out = sample(
+        out = self._sample_fn(
             self.weights,
             self.model_config,
-            jnp.asarray(tokens_QxP),
-            jnp.asarray(mask_QxP, bool),
+            mesh_lib.put_rows(self.mesh, tokens_QxP),
+            mesh_lib.put_rows(self.mesh, np.asarray(mask_QxP, bool)),
             key,
             max_new_tokens=max_new_tokens,
             num_samples=num_samples,
@@ -247,41 +294,48 @@ class Trainer:
             pad_id=int(self.pad_id),
         )
         P = tokens_QxP.shape[1]
-        response_BxN, lengths_B = jax.device_get((out.tokens[:, P:], out.lengths))
+        if own_rows:
+            response_BxN, rows = mesh_lib.host_rows(self.mesh, out.tokens[:, P:])
+        else:
+            response_BxN, rows = mesh_lib.to_host(out.tokens[:, P:]), slice(None)
+        lengths_B = mesh_lib.to_host(out.lengths)
         texts = self.tokenizer.batch_decode(
-            [row[:n] for row, n in zip(response_BxN, lengths_B)], skip_special_tokens=True
+            [row[:n] for row, n in zip(response_BxN, lengths_B[rows])], skip_special_tokens=True
         )
-        return out, texts, lengths_B
+        return out, texts, lengths_B, rows
 
     def rollout(self, examples: list[Example], key: jax.Array) -> tuple[step_lib.Batch, dict]:
         c = self.config
         G = c.rollout.responses_per_prompt
-        out, texts, lengths_B = self._sample(
+        out, texts, lengths_B, rows = self._sample(
             examples,
             key,
             num_samples=G,
             max_new_tokens=c.rollout.max_new_tokens,
             temperature=c.rollout.temperature,
+            own_rows=True,
         )
-        refs = [ex.answer for ex in examples for _ in range(G)]
-        kinds = [ex.kind for ex in examples for _ in range(G)]
-        rewards_B, stats = self.scorer.score_batch(
+        # Each process scores its own rows; the rewards then form one global array.
+        refs = [ex.answer for ex in examples for _ in range(G)][rows]
+        kinds = [ex.kind for ex in examples for _ in range(G)][rows]
+        own_rewards, stats = self.scorer.score_batch(
             texts, refs, kinds, format_reward=c.loss.format_reward
         )
-        advantages_B = grpo.group_advantages(
-            jnp.asarray(rewards_B), G, scale=c.loss.advantage_scale
-        )
+        rewards = mesh_lib.rows_from_hosts(self.mesh, own_rewards, rows, len(lengths_B))
+        rewards_B = mesh_lib.to_host(rewards)
+        advantages_B = grpo.group_advantages(rewards, G, scale=c.loss.advantage_scale)
         # Trim the padding every row shares: the update then runs on P + the longest response.
         T = out.tokens.shape[1]
+        P = T - c.rollout.max_new_tokens
         if c.rollout.length_bucket:
-            P = T - c.rollout.max_new_tokens
             longest = -(-int(lengths_B.max()) // c.rollout.length_bucket) * c.rollout.length_bucket
             T = min(T, P + longest)
         tokens_BxT, mask_BxT = out.tokens[:, :T], out.attention_mask[:, :T]
+        window = slice(P - 1, T)  # the last prompt token and the response slots
         recompute = c.loss.old_logprobs == "rollout" and c.loss.recompute_old_logprobs
         old_BxT, ref_BxT = None, None
         if recompute or self.reference != "none":
-            old_BxT, ref_BxT = step_lib.batch_logprobs(
+            old_BxT, ref_BxT = self._logprobs_fn(
                 self.trainable,
                 self.frozen,
                 self.reference_weights,
@@ -289,24 +343,26 @@ class Trainer:
                 mask_BxT,
                 model_config=self.model_config,
                 temperature=float(c.rollout.temperature),
+                window=T - P + 1,
                 with_old=recompute,
                 reference=self.reference,
             )
+        old_logp = out.logprobs[:, window] if old_BxT is None else old_BxT
         batch = step_lib.Batch(
             tokens=tokens_BxT,
             mask=mask_BxT,
-            response_mask=out.response_mask[:, :T],
+            response_mask=out.response_mask[:, window],
             advantages=advantages_B,
-            old_logp=out.logprobs[:, :T] if old_BxT is None else old_BxT,
-            ref_logp=jnp.zeros(tokens_BxT.shape, jnp.float32) if ref_BxT is None else ref_BxT,
+            old_logp=old_logp,
+            ref_logp=jnp.zeros_like(old_logp) if ref_BxT is None else ref_BxT,
         )
         metrics = {
             "reward_mean": float(np.mean(rewards_B)),
             "accuracy": float(np.mean(rewards_B >= 1.0)),
             "response_length_mean": float(np.mean(lengths_B)),
             "response_length_max": int(np.max(lengths_B)),
-            "reward/timeouts": stats.timeouts,
-            "reward/errors": stats.errors,
+            "reward/timeouts": mesh_lib.sum_over_hosts(stats.timeouts),
+            "reward/errors": mesh_lib.sum_over_hosts(stats.errors),
         }
         return batch, metrics
 
@@ -328,6 +384,7 @@ class Trainer:
         t1 = time.perf_counter()
         per_update = []
         for mini in self._mini_batches(batch):
+            mini = jax.device_put(mini, self.batch_sharding)
             self.trainable, self.opt_state, m = self.update(
                 self.trainable, self.opt_state, self.frozen, mini
             )
@@ -361,12 +418,13 @@ class Trainer:
             for start in range(0, len(examples), Q):
                 chunk = examples[start : start + Q]
                 padded = chunk + [chunk[-1]] * (Q - len(chunk))  # one shape, one compile
-                _, texts, _ = self._sample(
+                _, texts, _, _ = self._sample(
                     padded,
                     jax.random.fold_in(self.eval_key, start),  # same draws every eval
                     num_samples=e.n_samples,
                     max_new_tokens=e.max_new_tokens,
                     temperature=e.temperature,
+                    own_rows=False,  # every process scores every row: one table for all
                 )
                 texts = texts[: len(chunk) * e.n_samples]
                 refs = [ex.answer for ex in chunk for _ in range(e.n_samples)]
@@ -388,7 +446,7 @@ class Trainer:
                     wall_seconds=self.counters.wall_seconds,
                 ),
             )
-        if not self.config.train.quiet:
+        if self.is_main and not self.config.train.quiet:
             print(f"\nEvaluation at step {self.step}:\n{format_table(results)}", flush=True)
         return results
 
@@ -417,7 +475,7 @@ class Trainer:
         self.step = int(state["step"])
         self.train_iter.restore(state["data"])
         self.counters = Counters(**{k: v for k, v in state["counters"].items()})
-        if not self.config.train.quiet:
+        if self.is_main and not self.config.train.quiet:
             print(f"Resumed from {self.workdir} at step {self.step}.", flush=True)
 
     # ------------------------------------------------------------------ the loop
