@@ -25,7 +25,7 @@ def get_config():
     c.data.max_prompt_tokens = 64
     c.data.arith.eval_size = 50  # of the 100 1-digit additions; training draws the other 50
 
-    c.rollout.prompts_per_step = 8
+    c.rollout.prompts_per_step = 4
     c.rollout.responses_per_prompt = 4
     c.rollout.max_new_tokens = 32
     c.rollout.prompt_bucket = 16
@@ -38,12 +38,12 @@ def get_config():
 
     c.policy_update.gate.warmup = 30
 
-    c.eval.every = 10
+    c.eval.every = 5
     c.eval.n_samples = 4
     c.eval.pass_k = (1, 4)
     c.eval.max_new_tokens = 32
     c.eval.prompts_per_batch = 25
 
-    c.train.steps = 40
+    c.train.steps = 20
     c.train.checkpoint_every = 10
     return c

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gxpo.models.lora import fold_lora
 from gxpo.models.transformer import ModelConfig, Transformer, decode, prefill, unstack_layers
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -143,7 +144,7 @@ def sample(
     )
     # Slots for the N - 1 tokens fed back (the last drawn token is never fed).
     cache = prompt_cache.for_decoding(copies=G, slots=max(N - 1, 1))
-    weights = unstack_layers(weights)
+    weights = unstack_layers(_without_adapters(weights, config, use_lora))
     logits_BxV = jnp.repeat(logits_QxV, G, axis=0)
     B = Q * G
     eos = jnp.asarray(eos_ids if eos_ids and not ignore_eos else (-1,), jnp.int32)
@@ -194,6 +195,16 @@ def sample(
         logprobs=jnp.concatenate([jnp.zeros((B, P), jnp.float32), logp_BxN], axis=1),
         lengths=lengths_B,
     )
+
+
+def _without_adapters(weights: dict, config: ModelConfig, use_lora: bool) -> dict:
+    """The weights with LoRA folded into the kernels (`use_lora`) or dropped: the same function,
+    with no adapter matmuls per decoded token (the fold is one small matmul per projection)."""
+    if use_lora:
+        return fold_lora(weights, config)
+    strip = lambda p: {k: v for k, v in p.items() if not k.startswith("lora_")}
+    layers = {name: strip(p) if isinstance(p, dict) else p for name, p in weights["layers"].items()}
+    return {**weights, "layers": layers}
 
 
 def bucket_prompts(
