@@ -1,7 +1,6 @@
 """Every notebook runs top to bottom, so none can rot (the training one at its smallest
 setting: GXPO_NOTEBOOK_SMOKE=1, a tiny random model for two steps)."""
 
-import os
 from pathlib import Path
 
 import nbclient
