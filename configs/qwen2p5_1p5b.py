@@ -8,9 +8,10 @@ model.path: the hub id (downloaded on first use when the machine is online) or a
 Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files), e.g. from
 `huggingface-cli download Qwen/Qwen2.5-1.5B-Instruct`.
 Hardware: `--config=configs/qwen2p5_1p5b.py:h100x4` (the default: 4 x H100 80GB, the
-paper's setup) or `:h100x1` (one 80 GB GPU); run with XLA_PYTHON_CLIENT_MEM_FRACTION=.92. Both use
-remat and 5 rows per GPU per optimizer update (so more mini-batches than the paper: activations
-and logits of 4096-token rows); one GPU samples 64 prompts per step instead of 128 (KV cache).
+paper's setup) or `:h100x1` (one 80 GB GPU); run with XLA_PYTHON_CLIENT_MEM_FRACTION=.92.
+Both keep the paper's batch, 128 prompts x 5 responses and one optimizer update per step:
+remat, gradient accumulation over micro-batches of 5 rows per GPU (activations and logits
+of 4096-token rows), and where the KV cache needs it, prompts sampled in sequential chunks.
 The per-GPU memory estimate is printed before compiling.
 Evaluation: Math-500, AMC23, GSM8K, Minerva Math, OlympiadBench, avg pass@1 over 4 samples at
 temperature 1.0.
@@ -20,9 +21,9 @@ not been run to completion here (no such GPUs at hand), see README.md, "Results"
 
 from gxpo.train.defaults import base_config, set_hardware
 
-HARDWARE = {  # rows per update and KV cache sized by gxpo.train.mesh's estimate
-    "h100x4": dict(data=4, mini_batches=32),  # 20 rows per update, 5 per GPU
-    "h100x1": dict(data=1, mini_batches=64, prompts_per_step=64),  # 5 rows per update
+HARDWARE = {  # sized by gxpo.train.mesh's estimate: 5 rows per GPU per micro-batch
+    "h100x4": dict(data=4, micro_batches=32),
+    "h100x1": dict(data=1, micro_batches=128, sample_chunks=2),
 }
 
 

@@ -108,6 +108,12 @@ def validate(config: Any) -> None:
     # rollout
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
     _check(
+        r.sample_chunks >= 1 and r.prompts_per_step % r.sample_chunks == 0,
+        "rollout.sample_chunks",
+        r.sample_chunks,
+        f"must be >= 1 and divide rollout.prompts_per_step={r.prompts_per_step}",
+    )
+    _check(
         r.responses_per_prompt >= 2,
         "rollout.responses_per_prompt",
         r.responses_per_prompt,

@@ -51,6 +51,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0  # must stay 1.0 in training
     c.rollout.prompt_bucket = 64  # prompts are left-padded to a multiple of this
+    # The step's prompts are sampled in this many sequential calls (one compilation), which
+    # bounds the sampler's KV cache to prompts_per_step / sample_chunks groups; the batch that
+    # the update sees is the same.
+    c.rollout.sample_chunks = 1
     # The update sees prompt + the longest response of the batch rounded up to this many tokens
     # (fewer padded tokens per backward pass, at most max_new_tokens / bucket compilations);
     # 0 = always prompt + max_new_tokens.
@@ -143,7 +147,8 @@ def set_hardware(
     c: ml_collections.ConfigDict, presets: dict[str, dict], hardware: str
 ) -> ml_collections.ConfigDict:
     """Applies a GPU config's preset for `hardware` (a key of `HARDWARE`): mesh axes, remat,
-    optimizer updates per rollout (rows per update), and where memory needs it fewer prompts.
+    micro-batches (gradient accumulation) and sampling chunks. The paper's protocol is kept:
+    128 prompts x 5 responses and one optimizer update per step, whatever the hardware.
 
     The presets come from `gxpo.train.mesh.estimate_memory` at 4096 tokens per row with a
     68 GiB budget per GPU, the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92.
@@ -157,7 +162,8 @@ def set_hardware(
     p = presets[hardware]
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = p.get("data", -1), p.get("fsdp", 1), 1
     c.model.remat = True
-    c.train.mini_batches = p["mini_batches"]
-    c.rollout.prompts_per_step = p.get("prompts_per_step", c.rollout.prompts_per_step)
-    c.eval.prompts_per_batch = min(c.eval.prompts_per_batch, c.rollout.prompts_per_step)
+    c.train.micro_batches = p["micro_batches"]
+    c.rollout.sample_chunks = p.get("sample_chunks", 1)
+    chunk = c.rollout.prompts_per_step // c.rollout.sample_chunks
+    c.eval.prompts_per_batch = min(c.eval.prompts_per_batch, chunk)  # the same KV cache bound
     return c

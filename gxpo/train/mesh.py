@@ -330,7 +330,7 @@ class Workload:
     update_rows: int  # rows whose activations one backward pass holds (one micro-batch)
     seq_len: int  # T: the longest prompt + response the update sees
     logits_len: int  # W: positions the update computes logits at (the response window)
-    sample_rows: int  # rows decoded together (the larger of rollout and eval)
+    sample_rows: int  # rows decoded together (the larger of a rollout chunk and an eval batch)
     sample_len: int  # KV-cache slots: prompt + max new tokens
     policy_update: str = "gxpo"
     reference_copy: bool = False  # full fine-tuning with KL keeps a copy of the initial params
@@ -346,7 +346,7 @@ def workload(config: Any) -> Workload:
         update_rows=rollout_rows // (config.train.mini_batches * config.train.micro_batches),
         seq_len=prompt + r.max_new_tokens,
         logits_len=r.max_new_tokens + 1,
-        sample_rows=max(rollout_rows, eval_rows),
+        sample_rows=max(rollout_rows // r.sample_chunks, eval_rows),
         sample_len=prompt + max(r.max_new_tokens, e.max_new_tokens if d.eval else 0),
         policy_update=config.policy_update.name,
         reference_copy=config.model.lora_rank == 0 and config.loss.kl_coef > 0,
@@ -474,10 +474,23 @@ def suggest(
     responses_per_prompt: int,
     mini_batches: int,
     micro_batches: int,
+    sample_chunks: int = 1,
+    eval_rows: int = 0,
 ) -> str:
     """The smallest change that fits `limit` by the estimate: remat, more micro-batches
-    (gradient accumulation: the same optimizer updates), or the same devices regrouped (fsdp
-    over all, then tensor parallelism)."""
+    (gradient accumulation: the same optimizer updates), more sampling chunks (a smaller KV
+    cache: the same rollout), or the same devices regrouped (fsdp over all, then tensor
+    parallelism)."""
+    rollout_rows, split = prompts_per_step * responses_per_prompt, sizes["data"] * sizes["fsdp"]
+    chunk_flag = []
+    for c in _divisors(prompts_per_step):  # the fewest sampling chunks whose KV cache fits
+        if c < sample_chunks or (prompts_per_step // c) % split:
+            continue
+        w = dataclasses.replace(work, sample_rows=max(rollout_rows // c, eval_rows))
+        if estimate_memory(config, sizes, w).sample_peak <= limit:
+            if c != sample_chunks:
+                work, chunk_flag = w, [f"--config.rollout.sample_chunks={c}"]
+            break
     n = math.prod(sizes.values())
     meshes = [sizes] + [
         {"data": 1, "fsdp": n // t, "tensor": t} for t in _divisors(n) if t <= 8 and t != n
@@ -500,6 +513,7 @@ def suggest(
                         flags.append("--config.model.remat=True")
                     if m != mini_batches * micro_batches:
                         flags.append(f"--config.train.micro_batches={m // mini_batches}")
+                    flags += chunk_flag
                     return (
                         f"{' '.join(flags) or 'no change'} would fit "
                         f"(estimated {est.peak / GIB:.1f} GiB per device)"
@@ -554,6 +568,8 @@ def check_memory(
         r.responses_per_prompt,
         config.train.mini_batches,
         config.train.micro_batches,
+        r.sample_chunks,
+        config.eval.prompts_per_batch * config.eval.n_samples if config.data.eval else 0,
     )
     if mesh.devices.flat[0].platform == "gpu":
         hint += " (JAX takes 75% of a GPU unless XLA_PYTHON_CLIENT_MEM_FRACTION says more)"

@@ -277,22 +277,33 @@ class Trainer:
     def weights(self) -> dict:
         return step_lib.merge_weights(self.trainable, self.frozen)
 
-    def _sample(self, examples, key, *, num_samples, max_new_tokens, temperature, own_rows):
-        """Samples on the mesh; returns the output, the decoded texts of this process's rows
-        (`own_rows`) or of all rows, every row's length, and which rows the texts are."""
-        tokens_QxP, mask_QxP = self._encode(examples)
-        out = self._sample_fn(
-            self.weights,
-            self.model_config,
-            mesh_lib.put_rows(self.mesh, tokens_QxP),
-            mesh_lib.put_rows(self.mesh, np.asarray(mask_QxP, bool)),
-            key,
-            max_new_tokens=max_new_tokens,
-            num_samples=num_samples,
-            temperature=float(temperature),
-            eos_ids=self.eos_ids,
-            pad_id=int(self.pad_id),
-        )
+    def _sample(
+        self, examples, key, *, num_samples, max_new_tokens, temperature, own_rows, chunks=1
+    ):
+        """Samples on the mesh, in `chunks` sequential calls of as many prompts each (one
+        compilation, a KV cache for one chunk); returns the output, the decoded texts of this
+        process's rows (`own_rows`) or of all rows, every row's length, and which rows the
+        texts are."""
+        tokens_QxP, mask_QxP = self._encode(examples)  # one prompt length for every chunk
+        weights = self.weights
+        outs = [
+            self._sample_fn(
+                weights,
+                self.model_config,
+                mesh_lib.put_rows(self.mesh, tokens),
+                mesh_lib.put_rows(self.mesh, np.asarray(mask, bool)),
+                key if chunks == 1 else jax.random.fold_in(key, chunk),
+                max_new_tokens=max_new_tokens,
+                num_samples=num_samples,
+                temperature=float(temperature),
+                eos_ids=self.eos_ids,
+                pad_id=int(self.pad_id),
+            )
+            for chunk, (tokens, mask) in enumerate(
+                zip(np.split(tokens_QxP, chunks), np.split(mask_QxP, chunks))
+            )
+        ]
+        out = outs[0] if chunks == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *outs)
         P = tokens_QxP.shape[1]
         if own_rows:
             response_BxN, rows = mesh_lib.host_rows(self.mesh, out.tokens[:, P:])
@@ -314,6 +325,7 @@ class Trainer:
             max_new_tokens=c.rollout.max_new_tokens,
             temperature=c.rollout.temperature,
             own_rows=True,
+            chunks=c.rollout.sample_chunks,
         )
         # Each process scores its own rows; the rewards then form one global array.
         refs = [ex.answer for ex in examples for _ in range(G)][rows]

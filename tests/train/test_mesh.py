@@ -246,8 +246,8 @@ def test_a_config_that_cannot_fit_says_what_would():
         "llama3.2-3b", dtype="bfloat16", param_dtype="bfloat16", lora_rank=128, lora_alpha=256.0
     )
     mesh = mesh_lib.make_mesh(_mesh_config())
-    # The paper's 128 prompts x 5 need a larger KV cache than 80 GB (4096 slots, bf16).
-    c.rollout.prompts_per_step = 32
+    # The paper's 128 prompts x 5 at once need a larger KV cache than 80 GB (4096 slots, bf16).
+    c.rollout.prompts_per_step = 128
     c.eval.prompts_per_batch = 8
     with pytest.raises(ValueError, match="exceeds the 80.0 GiB available") as err:
         mesh_lib.check_memory(c, model, mesh, verbose=False)
@@ -256,6 +256,8 @@ def test_a_config_that_cannot_fit_says_what_would():
     flags = dict(re.findall(r"--config\.([\w.]+)=(\S+)", message))
     assert flags, message
     # The suggestion really fits by the same estimate.
+    assert "rollout.sample_chunks" in flags, message
+    c.rollout.sample_chunks = int(flags["rollout.sample_chunks"])
     c.train.micro_batches = int(flags.get("train.micro_batches", c.train.micro_batches))
     model = dataclasses.replace(model, remat=flags.get("model.remat") == "True" or model.remat)
     estimate = mesh_lib.check_memory(c, model, mesh, verbose=False)
@@ -284,6 +286,9 @@ def test_gpu_config_presets_fit_their_hardware(name, hardware, devices, monkeypa
                        lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, remat=m.remat)  # fmt: skip
     sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.mesh_shape(c.mesh, devices)))
     work = mesh_lib.workload(c)
+    # The paper's protocol on every hardware: 128 prompts x 5, one optimizer update per step.
+    assert (c.rollout.prompts_per_step, c.rollout.responses_per_prompt) == (128, 5)
+    assert c.train.mini_batches == 1
     assert work.update_rows % (sizes["data"] * sizes["fsdp"]) == 0
     assert mesh_lib.estimate_memory(model, sizes, work).peak <= 68 * mesh_lib.GIB
 
