@@ -1,22 +1,11 @@
-"""Llama-3.2-3B-Instruct with GRPO / SFPO / GXPO on MATH level 3-5, the paper's protocol.
+"""Llama-3.2-3B-Instruct with GRPO / SFPO / GXPO on MATH level 3-5: the paper's protocol.
 
-    python launch.py --config=configs/llama3b.py
-    python launch.py --config=configs/llama3b.py --config.policy_update.name=grpo
+    python launch.py --config=configs/llama3b.py                # 4 x H100 (the paper's setup)
+    python launch.py --config=configs/llama3b.py:h100x1         # one 80 GB GPU
     python launch.py --config=configs/llama3b.py --config.model.path=/local/Llama-3.2-3B-Instruct
 
-model.path: the hub id (downloaded on first use when the machine is online) or a local
-Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer files), e.g. from
-`huggingface-cli download meta-llama/Llama-3.2-3B-Instruct`.
-Hardware: `--config=configs/llama3b.py:h100x4` (the default: 4 x H100 80GB, the paper's
-setup) or `:h100x1` (one 80 GB GPU); run with XLA_PYTHON_CLIENT_MEM_FRACTION=.92.
-Both keep the paper's batch, 128 prompts x 5 responses and one optimizer update per step:
-remat, gradient accumulation over micro-batches of 5 rows per GPU (activations and logits
-of 4096-token rows), and where the KV cache needs it, prompts sampled in sequential chunks.
-The per-GPU memory estimate is printed before compiling.
-Evaluation: Math-500, AMC23, GSM8K, Minerva Math, OlympiadBench, avg pass@1 over 4 samples at
-temperature 1.0.
-Expected: the paper reports GXPO reaching GRPO's peak accuracy in fewer steps; this config has
-not been run to completion here (no such GPUs at hand), see README.md, "Results".
+Hardware presets, model.path (hub id `meta-llama/Llama-3.2-3B-Instruct` or a local directory) and memory:
+`gxpo.train.defaults.set_hardware`. Not run to completion here (no such GPUs at hand).
 """
 
 from gxpo.train.defaults import base_config, set_hardware

@@ -146,12 +146,18 @@ HARDWARE = {
 def set_hardware(
     c: ml_collections.ConfigDict, presets: dict[str, dict], hardware: str
 ) -> ml_collections.ConfigDict:
-    """Applies a GPU config's preset for `hardware` (a key of `HARDWARE`): mesh axes, remat,
-    micro-batches (gradient accumulation) and sampling chunks. The paper's protocol is kept:
-    128 prompts x 5 responses and one optimizer update per step, whatever the hardware.
+    """Applies a GPU config's preset for `hardware` (a key of `HARDWARE`, chosen on the command
+    line as `--config=configs/<model>.py:<hardware>`): mesh axes, remat, micro-batches (gradient
+    accumulation over 5 rows per GPU: activations and logits of 4096-token rows) and, where the
+    KV cache needs it, prompts sampled in sequential chunks. The paper's protocol is kept on
+    every hardware: 128 prompts x 5 responses and one optimizer update per step.
 
     The presets come from `gxpo.train.mesh.estimate_memory` at 4096 tokens per row with a
-    68 GiB budget per GPU, the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92.
+    68 GiB budget per GPU, the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92 (run
+    with it). The estimate is printed before compiling. `model.path` is a hub id (downloaded
+    on first use when the machine is online) or a local Hugging Face checkpoint directory
+    (config.json, *.safetensors, tokenizer files). Evaluation: Math-500, AMC23, GSM8K, Minerva
+    Math, OlympiadBench, avg pass@1 over 4 samples at temperature 1.0.
     """
     if hardware not in presets:
         raise ValueError(
