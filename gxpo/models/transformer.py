@@ -369,14 +369,15 @@ class KVCache(NamedTuple):
         values = lambda v_QxPxKxH: constrain(v_QxPxKxH.transpose(0, 2, 1, 3), DECODE_VALUES_AXES)
         Q, _, K, H = self.k.shape[1:]
         zeros = lambda *shape: jnp.zeros(shape, self.k.dtype)
-        empty_k_BxKxHxS = constrain(zeros(Q * copies, K, H, slots), DECODE_KEYS_AXES)
-        empty_v_BxKxSxH = constrain(zeros(Q * copies, K, slots, H), DECODE_VALUES_AXES)
+        # A buffer per layer (not one shared): an eager `decode` donates each of them.
+        empty_k = lambda: constrain(zeros(Q * copies, K, H, slots), DECODE_KEYS_AXES)
+        empty_v = lambda: constrain(zeros(Q * copies, K, slots, H), DECODE_VALUES_AXES)
         return DecodeCache(
             prompt_k=tuple(keys(self.k[i]) for i in layers),
             prompt_v=tuple(values(self.v[i]) for i in layers),
             prompt_mask=self.mask,
-            k=(empty_k_BxKxHxS,) * len(layers),
-            v=(empty_v_BxKxSxH,) * len(layers),
+            k=tuple(empty_k() for _ in layers),
+            v=tuple(empty_v() for _ in layers),
             positions=jnp.repeat(self.positions, copies, axis=0),
             index=jnp.zeros((), jnp.int32),
         )

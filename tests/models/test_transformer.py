@@ -104,6 +104,14 @@ def test_cached_decode_matches_full_forward(tmp_path):
     assert int(cache.index) == prompt_len + steps
     np.testing.assert_array_equal(cache.positions, mask.sum(axis=1))
 
+    # The decoding loop's own cache (see `KVCache`), stepped eagerly: each prompt's keys and
+    # values held once for its rows, every layer's buffers donated at every step.
+    _, prompt_cache = model.prefill(jnp.asarray(prompts), jnp.asarray(prompt_mask), prompt_len)
+    cache = prompt_cache.for_decoding(copies=repeats, slots=steps)
+    for step in range(steps):
+        logits, cache = model.decode(jnp.asarray(continuation[:, step]), cache)
+        np.testing.assert_allclose(logits, full[:, prompt_len + step], atol=1e-4)
+
 
 def test_bfloat16_compute_runs_and_stays_close(tmp_path):
     ref_model = hf_model(hf_config("llama", tie=True))
