@@ -320,7 +320,8 @@ def main(argv: Sequence[str]) -> None:
         if _CONFIG.value is None:
             sys.exit("--config is required unless --analyze_only")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "command.txt").write_text(" ".join(sys.argv) + "\n")
+        command = ["python -m gxpo.experiments.compare", *sys.argv[1:]]
+        (out / "command.txt").write_text(" ".join(command) + "\n")
         (out / "base_config.json").write_text(_CONFIG.value.to_json(indent=2))
         run_all(_CONFIG.value, out, methods, [int(s) for s in _SEEDS.value])
     print(analyze(out, methods))
