@@ -5,7 +5,10 @@ addition with GXPO and LoRA.
     python launch.py --config=configs/smollm2_arith.py --config.policy_update.name=grpo
 
 Hardware: sized for a 2-core CPU with no GPU (any GPU makes it faster, same numbers).
-Expected result: see README.md, "Results" (measured before/after accuracy and run time).
+Measured on this 2-core CPU (results/cpu_arith, whose gxpo5 runs are exactly this config, seeds
+0-2): held-out avg pass@1 over 50 problems x 4 samples goes from 22.3 +- 0.2% (untrained) to
+81.5 +- 2.3% after 20 steps; a run takes ~6.5 minutes end to end (loading, 5 evaluations, 20
+steps of ~16 s: rollout ~3.8 s, update ~11.9 s). GRPO at the same 20 steps: 58.0 +- 6.3%.
 """
 
 from gxpo.train.defaults import base_config
