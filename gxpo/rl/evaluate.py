@@ -96,29 +96,29 @@ def _metric_order(name: str) -> tuple[int, int]:
 
 def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """Per-benchmark rows of percentages plus an unweighted "Average" row (cf. Table 1)."""
+    from gxpo.train.logging import format_table as plain_table  # noqa: PLC0415 (rl -> train)
+
     if not results:
         return "(no benchmarks)"
     metrics = sorted(
         {m for r in results.values() for m in r if m.startswith(("pass@", "maj@"))},
         key=_metric_order,
     )
-    width = max(9, *(len(b) for b in results))
-    header = f"{'benchmark':<{width}} {'n':>4} " + " ".join(f"{m:>8}" for m in metrics)
-    lines = [header, "-" * len(header)]
-
-    def row(name: str, n: str, values: Mapping[str, float]) -> str:
-        cells = (f"{100 * values[m]:8.1f}" if m in values else f"{'-':>8}" for m in metrics)
-        return f"{name:<{width}} {n:>4} " + " ".join(cells)
-
-    for name, r in results.items():
-        lines.append(row(name, str(int(r["n"])) if "n" in r else "", r))
+    rows = [
+        {"benchmark": name, "n": int(r["n"]) if "n" in r else "", **_percent(r, metrics)}
+        for name, r in results.items()
+    ]
     average = {
         m: float(np.mean([r[m] for r in results.values()]))
         for m in metrics
         if all(m in r for r in results.values())
     }
-    lines.append(row("Average", "", average))
-    return "\n".join(lines)
+    rows.append({"benchmark": "Average", "n": "", **_percent(average, metrics)})
+    return plain_table(rows, ["benchmark", "n", *metrics], float_format=".1f")
+
+
+def _percent(values: Mapping[str, float], metrics: Sequence[str]) -> dict[str, float]:
+    return {m: 100 * float(values[m]) for m in metrics if m in values}
 
 
 def print_table(results: Mapping[str, Mapping[str, float]]) -> None:

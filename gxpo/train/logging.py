@@ -242,13 +242,16 @@ class ProgressBar:
         self.close()
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """Plain-text table: one line per row, numbers right-aligned (floats to 4 places)."""
+def format_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], float_format: str = ".4f"
+) -> str:
+    """Plain-text table: one line per row, numbers right-aligned, floats as `float_format`,
+    missing values as "-"."""
 
     def cell(value: Any) -> str:
         if value is None:
             return "-"
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+        return format(value, float_format) if isinstance(value, float) else str(value)
 
     def is_number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
