@@ -149,6 +149,7 @@ def fixed_batch(
     B, P, N = prompts * group, prompt_tokens, response_tokens
     W = N + 1
     tokens_BxT = rng.integers(0, model_config.vocab_size, (B, P + N), dtype=np.int32)
+    tokens_BxT[:, :P] = np.repeat(tokens_BxT[::group, :P], group, axis=0)  # G rows per prompt
     prompt_len_B = np.repeat(rng.integers(P // 2, P + 1, prompts), group)
     response_len_B = rng.integers(1, N + 1, B)
     response_len_B[0] = N
@@ -169,6 +170,7 @@ def fixed_batch(
         window=W,
         with_old=True,
         reference="adapters_off",
+        group_size=group,
     )
     return step_lib.Batch(
         tokens=tokens_BxT,

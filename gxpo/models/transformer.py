@@ -476,26 +476,36 @@ def _attend(
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_BxSxKxH)
 
 
-def _layer(config: ModelConfig, p: dict, x_BxTxD: jax.Array, rope, attend, use_lora: bool):
-    """One decoder layer. `attend(q, k, v) -> (y_BxTxKxGxH, aux)` decides where keys come from
-    (this call's tokens, or the cache); aux is passed through."""
+def _layer(config: ModelConfig, p: dict, x, rope, attend, use_lora: bool):
+    """One decoder layer over a residual stream x [B, T, D], or over a tuple of streams that share
+    its weights (then `rope` holds one (cos, sin) per stream, and q, k, v reach `attend` as
+    tuples). `attend(q, k, v) -> (y, aux)` decides where keys come from (this call's tokens, the
+    cache, another stream); aux is passed through."""
     cfg = config
-    B, T, _ = x_BxTxD.shape
-    h = _rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
-    # Scaling q (not the scores) is the cheaper place for 1/sqrt(H).
-    q = _project(cfg, p, "q_proj", h, use_lora) * jnp.asarray(cfg.head_dim**-0.5, h.dtype)
-    k = _project(cfg, p, "k_proj", h, use_lora)
-    v = _project(cfg, p, "v_proj", h, use_lora)
-    q, k = _apply_rope(q, *rope), _apply_rope(k, *rope)
+    each = jax.tree.map  # a leaf for one stream, a tuple's items for several
     groups = cfg.num_heads // cfg.num_kv_heads
-    y, aux = attend(q.reshape(B, T, cfg.num_kv_heads, groups, cfg.head_dim), k, v)
-    y = y.reshape(B, T, cfg.num_heads, cfg.head_dim)
-    x_BxTxD = x_BxTxD + _project(cfg, p, "o_proj", y, use_lora)
-    h = _rms_norm(x_BxTxD, p["mlp_norm"], cfg.norm_eps)
-    gate = _project(cfg, p, "gate_proj", h, use_lora)
-    up = _project(cfg, p, "up_proj", h, use_lora)
-    x_BxTxD = x_BxTxD + _project(cfg, p, "down_proj", jax.nn.silu(gate) * up, use_lora)
-    return x_BxTxD, aux
+
+    def project(name, h):
+        return each(lambda h: _project(cfg, p, name, h, use_lora), h)
+
+    h = each(lambda x: _rms_norm(x, p["attn_norm"], cfg.norm_eps), x)
+    # Scaling q (not the scores) is the cheaper place for 1/sqrt(H).
+    scale = lambda q: q * jnp.asarray(cfg.head_dim**-0.5, q.dtype)
+    q = each(lambda q, r: _apply_rope(scale(q), *r), project("q_proj", h), rope)
+    k = each(lambda k, r: _apply_rope(k, *r), project("k_proj", h), rope)
+    v = project("v_proj", h)
+    by_group = lambda q: q.reshape(*q.shape[:2], cfg.num_kv_heads, groups, cfg.head_dim)
+    y, aux = attend(each(by_group, q), k, v)
+    by_head = lambda y: y.reshape(*y.shape[:2], cfg.num_heads, cfg.head_dim)
+    x = each(lambda x, y: x + _project(cfg, p, "o_proj", by_head(y), use_lora), x, y)
+
+    def mlp(x):
+        h = _rms_norm(x, p["mlp_norm"], cfg.norm_eps)
+        gate = _project(cfg, p, "gate_proj", h, use_lora)
+        up = _project(cfg, p, "up_proj", h, use_lora)
+        return x + _project(cfg, p, "down_proj", jax.nn.silu(gate) * up, use_lora)
+
+    return each(mlp, x), aux
 
 
 def _embed(config: ModelConfig, weights: dict, tokens: jax.Array) -> jax.Array:
@@ -535,7 +545,77 @@ def _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv):
     return jax.lax.scan(body, x_BxTxD, weights["layers"])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "use_lora", "logits_start"))
+def _attend_grouped(
+    q_BxTxKxGxH: jax.Array,
+    pk_QxSxKxH: jax.Array,
+    pv_QxSxKxH: jax.Array,
+    prefix_mask_QxS: jax.Array,
+    k_BxTxKxH: jax.Array,
+    v_BxTxKxH: jax.Array,
+    mask_BxTxT: jax.Array,
+) -> jax.Array:
+    """Each row's queries over its group's shared prefix (all of it precedes them) and over its
+    own tokens (`mask_BxTxT`), in one softmax. Rows b*C .. b*C + C - 1 share prefix b."""
+    Q, S = prefix_mask_QxS.shape
+    B, T, K, G, H = q_BxTxKxGxH.shape
+    C = B // Q
+    f32 = jnp.float32
+    q_QxCxTxKxGxH = q_BxTxKxGxH.reshape(Q, C, T, K, G, H)
+    s_prefix = jnp.einsum(
+        "QCTKGH,QSKH->QCKGTS", q_QxCxTxKxGxH, pk_QxSxKxH, preferred_element_type=f32
+    )
+    s_prefix = jnp.where(prefix_mask_QxS[:, None, None, None, None], s_prefix, _MASKED)
+    s_own = jnp.einsum("BTKGH,BSKH->BKGTS", q_BxTxKxGxH, k_BxTxKxH, preferred_element_type=f32)
+    s_own = jnp.where(mask_BxTxT[:, None, None], s_own, _MASKED).reshape(Q, C, K, G, T, T)
+    probs = jax.nn.softmax(jnp.concatenate([s_prefix, s_own], axis=-1), axis=-1)
+    probs = probs.astype(v_BxTxKxH.dtype)
+    y_prefix = jnp.einsum("QCKGTS,QSKH->QCTKGH", probs[..., :S], pv_QxSxKxH)
+    y_own = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:].reshape(B, K, G, T, T), v_BxTxKxH)
+    return y_prefix.reshape(B, T, K, G, H) + y_own
+
+
+def _hidden_grouped(config, weights, tokens_BxT, mask_BxT, use_lora, split: int, group: int):
+    """`_hidden(...)[0][:, split:]` for rows in groups of `group` consecutive rows whose first
+    `split` tokens (and mask) are equal, the G responses of one prompt: that shared prefix runs
+    once per group (a stream of Q = B / group rows), the rest once per row (a stream of B rows
+    that attends to its group's prefix). Same math, Q * split + B * (T - split) tokens instead of
+    B * T, through the same layer weights (`_layer` over two streams)."""
+    B, T = tokens_BxT.shape
+    Q = B // group
+    mask_BxT = mask_BxT.astype(bool)
+    prefix_QxS = tokens_BxT.reshape(Q, group, T)[:, 0, :split]
+    prefix_mask_QxS = mask_BxT.reshape(Q, group, T)[:, 0, :split]
+    own_mask_BxU = mask_BxT[:, split:]
+    before_B = jnp.repeat(jnp.sum(prefix_mask_QxS, axis=1), group)
+    prefix_pos = jnp.maximum(jnp.cumsum(prefix_mask_QxS, axis=1) - 1, 0)
+    own_pos = jnp.maximum(before_B[:, None] + jnp.cumsum(own_mask_BxU, axis=1) - 1, 0)
+    rope = (_rope_tables(config, prefix_pos), _rope_tables(config, own_pos))
+    S, U = split, T - split
+    prefix_causal_QxSxS = jnp.tril(jnp.ones((S, S), bool))[None] & prefix_mask_QxS[:, None, :]
+    own_causal_BxUxU = jnp.tril(jnp.ones((U, U), bool))[None] & own_mask_BxU[:, None, :]
+
+    def attend(q, k, v):
+        (q_p, q_o), (k_p, k_o), (v_p, v_o) = q, k, v
+        y_p = _attend(q_p, k_p, v_p, prefix_causal_QxSxS)
+        y_o = _attend_grouped(q_o, k_p, v_p, prefix_mask_QxS, k_o, v_o, own_causal_BxUxU)
+        return (y_p, y_o), None
+
+    def body(x, p):
+        x, _ = _layer(config, p, x, rope, attend, use_lora)
+        return tuple(constrain(s, ACTIVATION_AXES) for s in x), None
+
+    if config.remat:
+        body = jax.checkpoint(body)
+    x = (_embed(config, weights, prefix_QxS), _embed(config, weights, tokens_BxT[:, split:]))
+    (_, x_BxUxD), _ = jax.lax.scan(
+        body, tuple(constrain(s, ACTIVATION_AXES) for s in x), weights["layers"]
+    )
+    return x_BxUxD
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "use_lora", "logits_start", "shared_prefix_rows")
+)
 def forward(
     weights: dict,
     config: ModelConfig,
@@ -544,6 +624,7 @@ def forward(
     *,
     use_lora: bool = True,
     logits_start: int = 0,
+    shared_prefix_rows: int = 1,
 ) -> jax.Array:
     """Logits [B, T - logits_start, V] in float32 of a full sequence.
 
@@ -551,9 +632,22 @@ def forward(
     (cumsum(mask) - 1) and hides padded keys; outputs at padded positions are meaningless.
     `logits_start` skips the output head for the first positions (a training step needs logits
     only where responses are predicted; the head is a large share of a small model's cost).
+    `shared_prefix_rows` C > 1 declares that rows come in groups of C consecutive rows whose
+    `tokens_BxT[:, :logits_start]` and mask are equal (the C responses to one prompt): that
+    prefix then runs once per group, not once per row. The caller guarantees the equality.
     """
     if mask_BxT is None:
         mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
+    B, T = tokens_BxT.shape
+    if shared_prefix_rows > 1 and 0 < logits_start < T:
+        if B % shared_prefix_rows:
+            raise ValueError(
+                f"forward: shared_prefix_rows={shared_prefix_rows} must divide the {B} rows"
+            )
+        x = _hidden_grouped(
+            config, weights, tokens_BxT, mask_BxT, use_lora, logits_start, shared_prefix_rows
+        )
+        return _logits(config, weights, x)
     x, _ = _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv=False)
     return _logits(config, weights, x[:, logits_start:])
 

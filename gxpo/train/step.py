@@ -54,7 +54,9 @@ class LossConfig:
     aggregation: str = "token-mean"
     max_len: int | None = None  # Dr.GRPO's constant normaliser (the rollout's max new tokens)
     old_logprobs: str = "rollout"  # "rollout" | "current"
-    group_size: int | None = None  # G, for the nonzero-advantage-groups metric
+    # G: rows come in groups of G responses to one prompt (the nonzero-advantage-groups metric;
+    # the forward pass runs each group's prompt once)
+    group_size: int | None = None
 
 
 def merge_weights(trainable: dict, frozen: dict) -> dict:
@@ -76,7 +78,14 @@ def policy_loss(
     """The GRPO loss of the policy `trainable + frozen` on `batch`, and its metrics."""
     weights = merge_weights(trainable, frozen)
     start = batch.tokens.shape[1] - batch.response_mask.shape[1]
-    logits_BxWxV = forward(weights, model_config, batch.tokens, batch.mask, logits_start=start)
+    logits_BxWxV = forward(
+        weights,
+        model_config,
+        batch.tokens,
+        batch.mask,
+        logits_start=start,
+        shared_prefix_rows=loss_config.group_size or 1,
+    )
     logp_BxW, entropy_BxW = grpo.token_logprobs_and_entropy(
         logits_BxWxV, batch.tokens[:, start:], loss_config.temperature
     )
@@ -99,7 +108,15 @@ def policy_loss(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model_config", "temperature", "window", "with_old", "reference")
+    jax.jit,
+    static_argnames=(
+        "model_config",
+        "temperature",
+        "window",
+        "with_old",
+        "reference",
+        "group_size",
+    ),
 )
 def batch_logprobs(
     trainable: dict,
@@ -113,13 +130,15 @@ def batch_logprobs(
     window: int,
     with_old: bool,
     reference: str,
+    group_size: int = 1,
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """(old_logp, ref_logp) [B, window] of the last `window` tokens (`Batch`'s response
     window), once per rollout batch; None where not asked for.
 
     `with_old`: the policy's own log-probs (the rollout point). `reference`: "adapters_off"
     (LoRA: the base model from the same weights), "weights" (full fine-tuning:
-    `reference_weights`, a copy of the initial params), or "none".
+    `reference_weights`, a copy of the initial params), or "none". `group_size`: rows come in
+    groups of that many responses to one prompt, whose prompt then runs once.
     """
     weights = merge_weights(trainable, frozen)
 
@@ -127,7 +146,13 @@ def batch_logprobs(
 
     def logp(w, use_lora=True):
         logits = forward(
-            w, model_config, tokens_BxT, mask_BxT, use_lora=use_lora, logits_start=start
+            w,
+            model_config,
+            tokens_BxT,
+            mask_BxT,
+            use_lora=use_lora,
+            logits_start=start,
+            shared_prefix_rows=group_size,
         )
         return grpo.token_logprobs(logits, tokens_BxT[:, start:], temperature)
 

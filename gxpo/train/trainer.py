@@ -358,6 +358,7 @@ class Trainer:
                 window=T - P + 1,
                 with_old=recompute,
                 reference=self.reference,
+                group_size=G,
             )
         old_logp = out.logprobs[:, window] if old_BxT is None else old_BxT
         batch = step_lib.Batch(

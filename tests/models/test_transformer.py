@@ -193,3 +193,56 @@ def test_preset_errors():
     with pytest.raises(ValueError, match="num_kv_heads"):
         get_preset("tiny", num_kv_heads=3)
     assert set(PRESETS) >= set(REAL_PARAMETER_COUNTS) | {"tiny"}
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_shared_prefix_rows_equal_the_plain_forward(remat):
+    """Rows in groups with one prompt each: running the prompt once per group gives the same
+    logits and the same LoRA gradients as running every row whole."""
+    config = get_preset("tiny", lora_rank=4, qkv_bias=True, remat=remat)
+    weights = init_model(config, seed=0).weights()
+    lora_b = lambda w: jax.random.normal(jax.random.key(1), w.shape, w.dtype) * 0.1
+    weights = jax.tree_util.tree_map_with_path(
+        lambda path, w: lora_b(w) if "lora_b" in jax.tree_util.keystr(path) else w, weights
+    )
+    Q, C, S, U = 3, 4, 10, 7  # groups, rows per group, prompt columns, response columns
+    rng = np.random.default_rng(0)
+    prompt_mask = np.arange(S)[None] >= np.array([[0], [3], [7]])  # left padding per prompt
+    lengths = rng.integers(1, U + 1, size=Q * C)  # responses right-padded per row
+    tokens = np.concatenate(
+        [
+            np.repeat(rng.integers(1, 500, (Q, S)), C, axis=0),
+            rng.integers(1, 500, (Q * C, U)),
+        ],
+        axis=1,
+    )
+    mask = np.concatenate(
+        [np.repeat(prompt_mask, C, axis=0), np.arange(U)[None] < lengths[:, None]], axis=1
+    )
+    tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask)
+
+    def loss(trainable, rows):
+        merged = {**weights, "layers": {**weights["layers"], **trainable}}
+        logits = forward(merged, config, tokens, mask, logits_start=S, shared_prefix_rows=rows)
+        real = mask[:, S:, None]
+        return jnp.sum(jnp.where(real, jax.nn.log_softmax(logits), 0.0)) / 1e4, logits
+
+    trainable = {k: v for k, v in weights["layers"].items() if k == "q_proj" or k == "v_proj"}
+    (plain, plain_logits), plain_grads = jax.value_and_grad(loss, has_aux=True)(trainable, 1)
+    (grouped, grouped_logits), grouped_grads = jax.value_and_grad(loss, has_aux=True)(
+        trainable, C
+    )
+    real = np.asarray(mask[:, S:])
+    assert np.abs(np.asarray(plain_logits)[real]).max() > 0.1
+    np.testing.assert_allclose(
+        np.asarray(grouped_logits)[real], np.asarray(plain_logits)[real], atol=1e-5
+    )
+    np.testing.assert_allclose(grouped, plain, rtol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        grouped_grads,
+        plain_grads,
+    )
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(plain_grads)) > 1e-4
+    with pytest.raises(ValueError, match="shared_prefix_rows=5 must divide the 12 rows"):
+        forward(weights, config, tokens, mask, logits_start=S, shared_prefix_rows=5)

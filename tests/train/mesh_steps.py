@@ -49,14 +49,15 @@ def initial_weights() -> tuple[dict, dict]:
 def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32)
-    prompt_len = rng.integers(2, P + 1, B)
+    tokens[:, :P] = np.repeat(tokens[::2, :P], 2, axis=0)  # groups of 2 responses per prompt
+    prompt_len = np.repeat(rng.integers(2, P + 1, B // 2), 2)
     response_len = rng.integers(1, W, B)
     pos = np.arange(T)
     mask = (pos >= P - prompt_len[:, None]) & (pos < P + response_len[:, None])
     response_mask = (pos[P - 1 :] >= P) & (pos[P - 1 :] < P + response_len[:, None])
     old, ref = step_lib.batch_logprobs(
         trainable, frozen, None, jnp.asarray(tokens), jnp.asarray(mask),
-        model_config=CONFIG, temperature=1.0, window=W, with_old=True, reference="adapters_off",
+        model_config=CONFIG, temperature=1.0, window=W, with_old=True, reference="adapters_off", group_size=2,
     )  # fmt: skip
     advantages = rng.normal(size=B).astype(np.float32)
     # Perturb the old log-probs so the ratio clip binds somewhere.

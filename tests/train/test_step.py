@@ -24,8 +24,10 @@ def test_window_loss_and_logprobs_equal_the_full_sequence():
 
     rng = np.random.default_rng(0)
     B, P, N = 4, 6, 5
-    tokens = jnp.asarray(rng.integers(3, 500, size=(B, P + N)), jnp.int32)
-    prompt_mask = np.arange(P)[None] >= np.array([[0], [2], [1], [3]])
+    tokens = rng.integers(3, 500, size=(B, P + N))
+    tokens[:, :P] = np.repeat(tokens[::2, :P], 2, axis=0)  # groups of 2 responses per prompt
+    tokens = jnp.asarray(tokens, jnp.int32)
+    prompt_mask = np.arange(P)[None] >= np.array([[0], [0], [3], [3]])
     response_mask = np.arange(N)[None] < np.array([[5], [3], [1], [4]])
     mask = jnp.asarray(np.concatenate([prompt_mask, response_mask], 1))
     full_response_mask = jnp.concatenate([jnp.zeros((B, P), bool), jnp.asarray(response_mask)], 1)
@@ -42,6 +44,7 @@ def test_window_loss_and_logprobs_equal_the_full_sequence():
         window=N + 1,
         with_old=True,
         reference="adapters_off",
+        group_size=2,
     )
     full = grpo.token_logprobs(forward(weights, config, tokens, mask), tokens, 0.7)
     full_ref = grpo.token_logprobs(
@@ -85,7 +88,9 @@ def test_window_loss_and_logprobs_equal_the_full_sequence():
 
 def _tiny_batch(config, rng, Q=4, G=2, P=5, N=4):
     B = Q * G
-    tokens = jnp.asarray(rng.integers(3, 500, size=(B, P + N)), jnp.int32)
+    tokens = rng.integers(3, 500, size=(B, P + N))
+    tokens[:, :P] = np.repeat(tokens[::G, :P], G, axis=0)  # G responses per prompt
+    tokens = jnp.asarray(tokens, jnp.int32)
     lengths = rng.integers(1, N + 1, size=B)
     response_mask = np.arange(N)[None] < lengths[:, None]
     mask = np.concatenate([np.ones((B, P), bool), response_mask], 1)
