@@ -88,7 +88,9 @@ class ModelConfig:
       B batch rows, T tokens of this call, S key/value slots (T, or the cache capacity),
       L layers, D model width (dim), N query heads, K key/value heads, G query heads per
       key/value head (N // K), H head_dim, F MLP width (ffn_dim), V vocabulary, R LoRA rank;
-      in a `DecodeCache`: Q distinct prompts, C rows per prompt (B = Q * C), P prompt slots.
+      in a `DecodeCache`: Q distinct prompts, C rows per prompt (B = Q * C), P prompt slots,
+      X slots of a prefix all rows share, A rows of one of its parts (1, Q or B), M queries per
+      key/value head of a part ((B / A) * G).
 
     `param_dtype` stores the base weights, `dtype` is the compute dtype of activations and the
     KV cache; norms, softmax and logits run in float32. LoRA parameters are always float32
@@ -337,6 +339,7 @@ class KVCache(NamedTuple):
         weights = fold_lora(model.weights(), model.config)  # optional: no adapter matmuls
         logits_QxV, cache = prefill(weights, config, prompt_QxP, mask_QxP, P)
         cache = cache.for_decoding(copies=C, slots=max_new - 1)  # C rows per prompt
+        cache = cache.with_rope(config)  # optional: rotary tables once per step
         weights = unstack_layers(weights)  # once, outside the loop
         logits_BxV = jnp.repeat(logits_QxV, C, axis=0)
         for _ in range(max_new):  # or a jax.lax.while_loop carrying the cache
@@ -361,26 +364,41 @@ class KVCache(NamedTuple):
             index=self.index,
         )
 
-    def for_decoding(self, copies: int, slots: int) -> DecodeCache:
+    def for_decoding(self, copies: int, slots: int, shared: KVCache | None = None) -> DecodeCache:
         """This cache as the prompt part of a `DecodeCache` with `copies` rows per row here and
-        room for `slots` decoded tokens (every slot here, `mask` hiding those not filled)."""
+        room for `slots` decoded tokens (every slot here, `mask` hiding those not filled).
+
+        `shared`: the one-row cache of a prefix that every prompt here continues (made by
+        `prefill` and passed to this cache's `prefill(..., prefix=shared)`); its keys and
+        values are then held once for all rows."""
         layers = range(self.k.shape[0])
-        keys = lambda k_QxPxKxH: constrain(k_QxPxKxH.transpose(0, 2, 3, 1), DECODE_KEYS_AXES)
-        values = lambda v_QxPxKxH: constrain(v_QxPxKxH.transpose(0, 2, 1, 3), DECODE_VALUES_AXES)
         Q, _, K, H = self.k.shape[1:]
         zeros = lambda *shape: jnp.zeros(shape, self.k.dtype)
         # A buffer per layer (not one shared): an eager `decode` donates each of them.
         empty_k = lambda: constrain(zeros(Q * copies, K, H, slots), DECODE_KEYS_AXES)
         empty_v = lambda: constrain(zeros(Q * copies, K, slots, H), DECODE_VALUES_AXES)
+        prompt_k, prompt_v = _decode_layout(self)
+        shared_k, shared_v = _decode_layout(shared) if shared is not None else ((), ())
         return DecodeCache(
-            prompt_k=tuple(keys(self.k[i]) for i in layers),
-            prompt_v=tuple(values(self.v[i]) for i in layers),
+            prompt_k=prompt_k,
+            prompt_v=prompt_v,
             prompt_mask=self.mask,
             k=tuple(empty_k() for _ in layers),
             v=tuple(empty_v() for _ in layers),
             positions=jnp.repeat(self.positions, copies, axis=0),
             index=jnp.zeros((), jnp.int32),
+            shared_k=shared_k,
+            shared_v=shared_v,
+            shared_mask=shared.mask if shared is not None else None,
         )
+
+
+def _decode_layout(cache: KVCache) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """Per layer, the keys [rows, K, H, S] and values [rows, K, S, H] of a `KVCache`."""
+    keys = lambda k_QxPxKxH: constrain(k_QxPxKxH.transpose(0, 2, 3, 1), DECODE_KEYS_AXES)
+    values = lambda v_QxPxKxH: constrain(v_QxPxKxH.transpose(0, 2, 1, 3), DECODE_VALUES_AXES)
+    layers = range(cache.k.shape[0])
+    return tuple(keys(cache.k[i]) for i in layers), tuple(values(cache.v[i]) for i in layers)
 
 
 class DecodeCache(NamedTuple):
@@ -392,6 +410,7 @@ class DecodeCache(NamedTuple):
     like values. Each prompt's keys and values are held once for its C rows (drawing C samples
     per prompt then reads them once per step, not C times), the decoded tokens' per row; every
     row writes decoded slot `index` at each step, so slots [0, index] are the ones visible.
+    A prefix common to all prompts (a system prompt) may be held once for all rows (`shared_*`).
     """
 
     prompt_k: tuple[jax.Array, ...]  # L x [Q, K, H, P] compute dtype
@@ -401,6 +420,30 @@ class DecodeCache(NamedTuple):
     v: tuple[jax.Array, ...]  # L x [B, K, S, H] compute dtype
     positions: jax.Array  # [B] int32: rotary position of the row's next token
     index: jax.Array  # [] int32: next decoded slot to write
+    shared_k: tuple[jax.Array, ...] = ()  # L x [1, K, H, X] compute dtype: X shared slots
+    shared_v: tuple[jax.Array, ...] = ()  # L x [1, K, X, H] compute dtype
+    shared_mask: jax.Array | None = None  # [1, X] bool: slot holds a real prefix token
+    rope: tuple[jax.Array, jax.Array] | None = None  # cos, sin [B, 1, 1, H/2] of `positions`
+
+    def with_rope(self, config: ModelConfig) -> DecodeCache:
+        """This cache carrying the rotary tables of its rows' next positions, which `decode`
+        then updates. A loop carrying them computes each step's cos and sin once: computed
+        inside the step, XLA fuses them into every layer's rotary and recomputes them there for
+        every element of q and k (several percent of a small model's step)."""
+        return self._replace(rope=_rope_tables(config, self.positions[:, None]))
+
+    def grow(self, slots: int) -> DecodeCache:
+        """This cache with room for `slots` decoded tokens (at least as many as now). A step
+        reads every decoded slot, visible or not: a loop that grows the cache in a few segments
+        reads fewer slots than one that allocates all of them up front."""
+        extra = slots - self.v[0].shape[2]
+        if extra < 0:
+            raise ValueError(f"DecodeCache.grow: slots={slots} < the {slots - extra} it has")
+        pad_k = lambda k: constrain(jnp.pad(k, ((0, 0),) * 3 + ((0, extra),)), DECODE_KEYS_AXES)
+        pad_v = lambda v: constrain(
+            jnp.pad(v, ((0, 0), (0, 0), (0, extra), (0, 0))), DECODE_VALUES_AXES
+        )
+        return self._replace(k=tuple(map(pad_k, self.k)), v=tuple(map(pad_v, self.v)))
 
 
 # ----------------------------------------------------------------------------- the math
@@ -660,6 +703,7 @@ def prefill(
     mask_BxT: jax.Array,
     cache_size: int,
     *,
+    prefix: KVCache | None = None,
     use_lora: bool = True,
 ) -> tuple[jax.Array, KVCache]:
     """Runs the prompt, returns the logits [B, V] at each row's last real token and a cache of
@@ -667,12 +711,22 @@ def prefill(
 
     Size the cache as T + the number of tokens to decode: a decode past the last slot
     overwrites it (dynamic_update_slice clamps; it cannot raise under jit).
+
+    `prefix`: a cache (one row, or B) that every row's tokens continue, e.g. a system prompt
+    prefilled once for all prompts: positions go on from its own and its slots are attended
+    to. The returned cache holds this call's tokens only; decode with
+    `cache.for_decoding(..., shared=prefix)`.
     """
     B, T = tokens_BxT.shape
     if cache_size < T:
         raise ValueError(f"prefill: cache_size={cache_size} is smaller than the prompt length {T}")
     mask_BxT = mask_BxT.astype(bool)
-    x, (k, v) = _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv=True)
+    if prefix is None:
+        x, (k, v) = _hidden(config, weights, tokens_BxT, mask_BxT, use_lora, collect_kv=True)
+        start_B = jnp.zeros((B,), jnp.int32)
+    else:
+        x, (k, v) = _hidden_after(config, weights, prefix, tokens_BxT, mask_BxT, use_lora)
+        start_B = jnp.broadcast_to(prefix.positions, (B,))
     last_B = T - 1 - jnp.argmax(mask_BxT[:, ::-1], axis=1)
     x_Bx1xD = jnp.take_along_axis(x, last_B[:, None, None], axis=1)
     logits_BxV = _logits(config, weights, x_Bx1xD)[:, 0]
@@ -682,10 +736,38 @@ def prefill(
         k=constrain(jnp.pad(k, kv_pad), KV_CACHE_AXES),
         v=constrain(jnp.pad(v, kv_pad), KV_CACHE_AXES),
         mask=jnp.pad(mask_BxT, ((0, 0), (0, pad))),
-        positions=mask_BxT.sum(axis=1, dtype=jnp.int32),
+        positions=start_B + mask_BxT.sum(axis=1, dtype=jnp.int32),
         index=jnp.asarray(T, jnp.int32),
     )
     return logits_BxV, cache
+
+
+def _hidden_after(config, weights, prefix: KVCache, tokens_BxT, mask_BxT, use_lora):
+    """`_hidden` (keys and values collected) for tokens that continue `prefix`'s rows: each
+    layer attends over the prefix's slots, then this call's own."""
+    B, T = tokens_BxT.shape
+    positions_BxT = prefix.positions[:, None] + jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)
+    rope = _rope_tables(config, positions_BxT)
+    own_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BxT[:, None, :]
+    seen_BxTxS = jnp.broadcast_to(prefix.mask[:, None, :], (B, T, prefix.mask.shape[1]))
+    mask_BxTxS = jnp.concatenate([seen_BxTxS, own_BxTxT], axis=2)
+
+    def widen(cached_AxSxKxH, new_BxTxKxH):
+        cached_BxSxKxH = jnp.broadcast_to(cached_AxSxKxH, (B, *cached_AxSxKxH.shape[1:]))
+        return jnp.concatenate([cached_BxSxKxH.astype(new_BxTxKxH.dtype), new_BxTxKxH], axis=1)
+
+    def body(x, layer):
+        p, k_AxSxKxH, v_AxSxKxH = layer
+
+        def attend(q, k, v):
+            y = _attend(q, widen(k_AxSxKxH, k), widen(v_AxSxKxH, v), mask_BxTxS)
+            return y, (k, v)
+
+        x, kv = _layer(config, p, x, rope, attend, use_lora)
+        return constrain(x, ACTIVATION_AXES), kv
+
+    x_BxTxD = constrain(_embed(config, weights, tokens_BxT), ACTIVATION_AXES)
+    return jax.lax.scan(body, x_BxTxD, (weights["layers"], prefix.k, prefix.v))
 
 
 def unstack_layers(weights: dict) -> dict:
@@ -703,62 +785,59 @@ def unstack_layers(weights: dict) -> dict:
     }
 
 
-def _attend_cached(
-    q_BxKxGxH: jax.Array,
-    pk_QxKxHxP: jax.Array,
-    pv_QxKxPxH: jax.Array,
-    prompt_mask_QxP: jax.Array,
-    k_BxKxHxS: jax.Array,
-    v_BxKxSxH: jax.Array,
-    visible_S: jax.Array,
-) -> jax.Array:
-    """One query per row and head over its prompt's slots and its own decoded slots, one softmax.
+def _attend_cached(q_BxKxGxH: jax.Array, parts: list[tuple]) -> jax.Array:
+    """One query per row and head over the parts of a cache, one softmax across them all.
 
-    A prompt's C rows query its keys together (C * G queries per key/value head in one matmul).
-    The weights stay unnormalised until the [B, K, G, H] output, the smallest place to divide."""
-    Q, K, P, H = pv_QxKxPxH.shape
-    B, _, G, _ = q_BxKxGxH.shape
-    C = B // Q
-    f32, dtype = jnp.float32, v_BxKxSxH.dtype
+    A part is (keys [A, K, H, S], values [A, K, S, H], visible: bool broadcasting to
+    [A, 1, 1, S], or None) whose A rows each serve B / A consecutive query rows: those query it
+    together (M = (B / A) * G queries per key/value head in one matmul), so keys shared by
+    several rows (a prompt's, a common prefix's) are read once per step.
+    Each part is normalised by its own maximum (no relayout of the scores), the parts' sums then
+    rescaled to the common one on [B, K, G]; the weights stay unnormalised until the
+    [B, K, G, H] output, the smallest place to divide."""
+    B, K, G, _ = q_BxKxGxH.shape
+    f32 = jnp.float32
 
-    def to_prompts(x_BxKxG):  # [B, K, G, ...] -> [Q, K, C * G, ...]
+    def grouped(x_BxKxG, A):  # [B, K, G, ...] -> [A, K, M, ...]
         rest = x_BxKxG.shape[3:]
-        x = x_BxKxG.reshape(Q, C, K, G, *rest).swapaxes(1, 2)
-        return x.reshape(Q, K, C * G, *rest)
+        x = x_BxKxG.reshape(A, B // A, K, G, *rest).swapaxes(1, 2)
+        return x.reshape(A, K, -1, *rest)
 
-    def to_rows(x_QxKxM):  # [Q, K, C * G, ...] -> [B, K, G, ...]
-        rest = x_QxKxM.shape[3:]
-        x = x_QxKxM.reshape(Q, K, C, G, *rest).swapaxes(1, 2)
+    def ungrouped(x_AxKxM):  # [A, K, M, ...] -> [B, K, G, ...]
+        A, rest = x_AxKxM.shape[0], x_AxKxM.shape[3:]
+        x = x_AxKxM.reshape(A, K, B // A, G, *rest).swapaxes(1, 2)
         return x.reshape(B, K, G, *rest)
 
-    sp_QxKxMxP = jnp.einsum(
-        "QKMH,QKHP->QKMP", to_prompts(q_BxKxGxH), pk_QxKxHxP, preferred_element_type=f32
-    )
-    sp_QxKxMxP = jnp.where(prompt_mask_QxP[:, None, None], sp_QxKxMxP, _MASKED)
-    s_BxKxGxS = jnp.einsum("BKGH,BKHS->BKGS", q_BxKxGxH, k_BxKxHxS, preferred_element_type=f32)
-    s_BxKxGxS = jnp.where(visible_S, s_BxKxGxS, _MASKED)
-    max_BxKxG = jnp.maximum(to_rows(jnp.max(sp_QxKxMxP, axis=-1)), jnp.max(s_BxKxGxS, axis=-1))
-    ep_QxKxMxP = jnp.exp(sp_QxKxMxP - to_prompts(max_BxKxG)[..., None])
-    e_BxKxGxS = jnp.exp(s_BxKxGxS - max_BxKxG[..., None])
-    y_QxKxMxH = jnp.einsum(
-        "QKMP,QKPH->QKMH", ep_QxKxMxP.astype(dtype), pv_QxKxPxH, preferred_element_type=f32
-    )
-    y_BxKxGxH = to_rows(y_QxKxMxH) + jnp.einsum(
-        "BKGS,BKSH->BKGH", e_BxKxGxS.astype(dtype), v_BxKxSxH, preferred_element_type=f32
-    )
-    total_BxKxG = to_rows(jnp.sum(ep_QxKxMxP, axis=-1)) + jnp.sum(e_BxKxGxS, axis=-1)
+    maxes, sums, totals = [], [], []
+    for k_AxKxHxS, v_AxKxSxH, visible in parts:
+        q_AxKxMxH = grouped(q_BxKxGxH, k_AxKxHxS.shape[0])
+        s_AxKxMxS = jnp.einsum("AKMH,AKHS->AKMS", q_AxKxMxH, k_AxKxHxS, preferred_element_type=f32)
+        if visible is not None:
+            s_AxKxMxS = jnp.where(visible, s_AxKxMxS, _MASKED)
+        max_AxKxMx1 = jnp.max(s_AxKxMxS, axis=-1, keepdims=True)
+        e_AxKxMxS = jnp.exp(s_AxKxMxS - max_AxKxMx1)
+        p_AxKxMxS = e_AxKxMxS.astype(v_AxKxSxH.dtype)
+        y_AxKxMxH = jnp.einsum("AKMS,AKSH->AKMH", p_AxKxMxS, v_AxKxSxH, preferred_element_type=f32)
+        maxes.append(ungrouped(max_AxKxMx1[..., 0]))
+        sums.append(ungrouped(y_AxKxMxH))
+        totals.append(ungrouped(jnp.sum(e_AxKxMxS, axis=-1)))
+    max_BxKxG = functools.reduce(jnp.maximum, maxes)
+    scales = [jnp.exp(m_BxKxG - max_BxKxG) for m_BxKxG in maxes]
+    y_BxKxGxH = sum(y * c[..., None] for y, c in zip(sums, scales))
+    total_BxKxG = sum(t * c for t, c in zip(totals, scales))
     return (y_BxKxGxH / total_BxKxG[..., None]).astype(q_BxKxGxH.dtype)
 
 
-def _decode_layer_attend(slot, prompt_mask_QxP, visible_S, pk, pv, k_cache, v_cache, q, k, v):
+def _decode_layer_attend(slot, visible_S, parts, k_cache, v_cache, q, k, v):
     """`_layer`'s attend for one layer of a `DecodeCache`: writes this token's keys and values
-    in decoded slot `slot`, then attends (q [B, 1, K, G, H], k and v [B, 1, K, H])."""
+    in decoded slot `slot`, then attends over the cache's other `parts` and the decoded slots
+    (q [B, 1, K, G, H], k and v [B, 1, K, H])."""
     zero = jnp.zeros((), jnp.int32)
     k_BxKxHx1 = k.transpose(0, 2, 3, 1).astype(k_cache.dtype)
     k_cache = jax.lax.dynamic_update_slice(k_cache, k_BxKxHx1, (zero, zero, zero, slot))
     v_BxKx1xH = v.swapaxes(1, 2).astype(v_cache.dtype)
     v_cache = jax.lax.dynamic_update_slice(v_cache, v_BxKx1xH, (zero, zero, slot, zero))
-    y_BxKxGxH = _attend_cached(q[:, 0], pk, pv, prompt_mask_QxP, k_cache, v_cache, visible_S)
+    y_BxKxGxH = _attend_cached(q[:, 0], [*parts, (k_cache, v_cache, visible_S)])
     k_cache = constrain(k_cache, DECODE_KEYS_AXES)
     v_cache = constrain(v_cache, DECODE_VALUES_AXES)
     return y_BxKxGxH[:, None], (k_cache, v_cache)
@@ -786,16 +865,27 @@ def decode(
     weights = unstack_layers(weights)
     slot = cache.index
     visible_S = jnp.arange(cache.v[0].shape[2]) <= slot
-    rope = _rope_tables(config, cache.positions[:, None])
+    rope = _rope_tables(config, cache.positions[:, None]) if cache.rope is None else cache.rope
     x = constrain(_embed(config, weights, tokens_B[:, None]), ACTIVATION_AXES)
     k, v = [], []
-    for p, *kv in zip(weights["layers"], cache.prompt_k, cache.prompt_v, cache.k, cache.v):
-        attend = functools.partial(_decode_layer_attend, slot, cache.prompt_mask, visible_S, *kv)
+    for i, p in enumerate(weights["layers"]):
+        parts = [(cache.prompt_k[i], cache.prompt_v[i], cache.prompt_mask[:, None, None])]
+        if cache.shared_k:
+            shared = (cache.shared_k[i], cache.shared_v[i], cache.shared_mask[:, None, None])
+            parts.insert(0, shared)
+        attend = functools.partial(
+            _decode_layer_attend, slot, visible_S, parts, cache.k[i], cache.v[i]
+        )
         x, (k_cache, v_cache) = _layer(config, p, x, rope, attend, use_lora)
         k.append(k_cache)
         v.append(v_cache)
+    positions = cache.positions + 1
     new_cache = cache._replace(
-        k=tuple(k), v=tuple(v), positions=cache.positions + 1, index=slot + 1
+        k=tuple(k),
+        v=tuple(v),
+        positions=positions,
+        index=slot + 1,
+        rope=None if cache.rope is None else _rope_tables(config, positions[:, None]),
     )
     return _logits(config, weights, x)[:, 0], new_cache
 

@@ -23,10 +23,12 @@ from gxpo.models import (
     LOGICAL_AXES,
     PRESETS,
     Transformer,
+    decode,
     forward,
     get_preset,
     init_model,
     load_pretrained,
+    prefill,
 )
 
 LEFT_PADS, RIGHT_PADS = (0, 5, 17), (9,)
@@ -111,6 +113,45 @@ def test_cached_decode_matches_full_forward(tmp_path):
     for step in range(steps):
         logits, cache = model.decode(jnp.asarray(continuation[:, step]), cache)
         np.testing.assert_allclose(logits, full[:, prompt_len + step], atol=1e-4)
+
+
+def test_shared_prefix_decode_matches_full_forward():
+    """A prefix prefilled once (one row) and prompts continuing it, decoded through a
+    `DecodeCache` holding the prefix once, carrying its rotary tables and grown mid-way:
+    each step's logits equal the full forward pass over prefix + prompt + continuation."""
+    model = init_model(get_preset("tiny", lora_rank=2), seed=0)
+    b = model.layers.v_proj.lora_b
+    b.value = 0.3 * jax.random.normal(jax.random.key(1), b.value.shape)
+    weights, config = model.weights(), model.config
+    rng = np.random.RandomState(2)
+    prefix = rng.randint(1, 512, (1, 6)).astype(np.int32)
+    rest, rest_mask = padded_batch((0, 3, 4), 5, seed=3)  # rests of 5, 2 and 1 tokens
+    copies, steps = 2, 5
+    rows = np.repeat(np.arange(3), copies)
+    continuation = rng.randint(0, 512, (len(rows), steps)).astype(np.int32)
+    # The full sequences, left-padded: padding, prefix, rest, continuation.
+    lengths = 6 + rest_mask.sum(axis=1)
+    width = 6 + 5 + steps
+    tokens = np.zeros((len(rows), width), np.int32)
+    mask = np.zeros_like(tokens)
+    for i, r in enumerate(rows):
+        real = np.concatenate([prefix[0], rest[r][rest_mask[r] == 1], continuation[i]])
+        tokens[i, width - len(real) :], mask[i, width - len(real) :] = real, 1
+    full = np.asarray(forward(weights, config, jnp.asarray(tokens), jnp.asarray(mask)))
+
+    _, shared = prefill(weights, config, jnp.asarray(prefix), jnp.ones((1, 6), bool), 6)
+    logits, cache = prefill(
+        weights, config, jnp.asarray(rest), jnp.asarray(rest_mask), 5, prefix=shared
+    )
+    np.testing.assert_array_equal(cache.positions, lengths)
+    np.testing.assert_allclose(logits, full[::copies, width - steps - 1], atol=1e-4)
+    cache = cache.for_decoding(copies=copies, slots=2, shared=shared).with_rope(config)
+    for step in range(steps):
+        if step == 2:
+            cache = cache.grow(steps)
+        logits, cache = decode(weights, config, jnp.asarray(continuation[:, step]), cache)
+        np.testing.assert_allclose(logits, full[:, width - steps + step], atol=1e-4)
+    assert cache.k[0].shape[-1] == steps
 
 
 def test_bfloat16_compute_runs_and_stays_close(tmp_path):
@@ -229,9 +270,7 @@ def test_shared_prefix_rows_equal_the_plain_forward(remat):
 
     trainable = {k: v for k, v in weights["layers"].items() if k == "q_proj" or k == "v_proj"}
     (plain, plain_logits), plain_grads = jax.value_and_grad(loss, has_aux=True)(trainable, 1)
-    (grouped, grouped_logits), grouped_grads = jax.value_and_grad(loss, has_aux=True)(
-        trainable, C
-    )
+    (grouped, grouped_logits), grouped_grads = jax.value_and_grad(loss, has_aux=True)(trainable, C)
     real = np.asarray(mask[:, S:])
     assert np.abs(np.asarray(plain_logits)[real]).max() > 0.1
     np.testing.assert_allclose(

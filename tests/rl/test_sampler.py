@@ -8,7 +8,7 @@ import pytest
 
 from gxpo.models import forward, get_preset, init_model
 from gxpo.rl.grpo import token_logprobs
-from gxpo.rl.sampler import _sample_token, bucket_prompts, generate, sample
+from gxpo.rl.sampler import _sample_token, bucket_prompts, generate, sample, split_prompts
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,56 @@ def test_prompt_lengths_in_one_bucket_share_one_compilation(model):
         generate(model, *_prompts([2, width], width=width), jax.random.key(0), **kw)
     assert sample._cache_size() == before
     assert bucket_prompts(*_prompts([2], width=17), bucket=16)[0].shape == (1, 32)
+
+
+def _system_prompts(rests, system=11, seed=2):
+    """Left-padded prompts that all start with the same `system` tokens, bucketed to 16."""
+    rng = np.random.default_rng(seed)
+    head = rng.integers(3, 500, size=system)
+    seqs = [np.concatenate([head, rng.integers(3, 500, size=n)]) for n in rests]
+    width = max(map(len, seqs))
+    tokens, mask = np.zeros((len(seqs), width), np.int32), np.zeros((len(seqs), width), np.int32)
+    for row, seq in enumerate(seqs):
+        tokens[row, width - len(seq) :], mask[row, width - len(seq) :] = seq, 1
+    return bucket_prompts(tokens, mask, 16)
+
+
+def test_a_shared_system_prompt_and_decoding_in_segments_change_nothing(model):
+    tokens, mask = _system_prompts([5, 9, 2, 7])  # P = 32
+    assert split_prompts(tokens, mask, 16) == (8, 16)
+    kw = dict(max_new_tokens=12, num_samples=2)
+    # generate splits the prompts (one decoding segment); sample here does not (three).
+    split = generate(model, tokens, mask, jax.random.key(4), prompt_bucket=16, **kw)
+    args = (
+        model.weights(),
+        model.config,
+        jnp.asarray(tokens),
+        jnp.asarray(mask),
+        jax.random.key(4),
+    )
+    segmented = sample(*args, **kw, segments=3)
+    np.testing.assert_array_equal(split.tokens, segmented.tokens)
+    np.testing.assert_allclose(split.logprobs, segmented.logprobs, atol=1e-5)
+    np.testing.assert_array_equal(split.prompt_mask[:, :32], mask.repeat(2, axis=0))
+    for out in (split, segmented):
+        logits = forward(model.weights(), model.config, out.tokens, out.attention_mask)
+        logp = token_logprobs(logits, out.tokens, temperature=1.0)
+        diff = np.where(out.response_mask, np.asarray(logp) - np.asarray(out.logprobs), 0.0)
+        assert np.abs(diff).max() < 1e-4
+
+
+def test_split_prompts(model):
+    # Rests of up to 41 - 8 tokens, rounded up to 48 but capped by the 48 - 8 columns left.
+    assert split_prompts(*_system_prompts([1, 30, 4]), bucket=16) == (8, 40)
+    assert split_prompts(*_system_prompts([0, 0]), bucket=16) == (8, 8)  # a token left over
+    assert split_prompts(*_system_prompts([3, 5], system=7), bucket=16) is None  # under 8
+    assert split_prompts(*_system_prompts([3]), bucket=16) is None  # one prompt
+    tokens, mask = _system_prompts([3, 5])
+    right = lambda x: np.stack([np.roll(row, n) for row, n in zip(x, mask.sum(axis=1))])
+    assert split_prompts(right(tokens), right(mask), bucket=16) is None  # not left-padded
+    prompts = (jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), bool), jax.random.key(0))
+    with pytest.raises(ValueError, match="prompt_split"):
+        sample(model.weights(), model.config, *prompts, max_new_tokens=2, prompt_split=(8, 9))
 
 
 def test_greedy_is_argmax_of_the_full_forward(model):
