@@ -31,7 +31,7 @@ from gxpo.rl.data import ArithTask, BatchIterator, Example, build_prompt, encode
 from gxpo.rl.data import load_examples as load_dataset
 from gxpo.rl.evaluate import format_table, summarize
 from gxpo.rl.rewards import RewardScorer, canonical_answer, extract_answer
-from gxpo.rl.sampler import end_token_ids, sample
+from gxpo.rl.sampler import end_token_ids, sample, split_prompts
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import step as step_lib
 from gxpo.train.checkpoint import Checkpointer
@@ -285,6 +285,8 @@ class Trainer:
         process's rows (`own_rows`) or of all rows, every row's length, and which rows the
         texts are."""
         tokens_QxP, mask_QxP = self._encode(examples)  # one prompt length for every chunk
+        # A system prompt common to all prompts is prefilled once (valid for every chunk too).
+        split = split_prompts(tokens_QxP, mask_QxP, self.config.rollout.prompt_bucket)
         weights = self.weights
         outs = [
             self._sample_fn(
@@ -298,6 +300,7 @@ class Trainer:
                 temperature=float(temperature),
                 eos_ids=self.eos_ids,
                 pad_id=int(self.pad_id),
+                prompt_split=split,
             )
             for chunk, (tokens, mask) in enumerate(
                 zip(np.split(tokens_QxP, chunks), np.split(mask_QxP, chunks))

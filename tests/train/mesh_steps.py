@@ -57,7 +57,8 @@ def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
     response_mask = (pos[P - 1 :] >= P) & (pos[P - 1 :] < P + response_len[:, None])
     old, ref = step_lib.batch_logprobs(
         trainable, frozen, None, jnp.asarray(tokens), jnp.asarray(mask),
-        model_config=CONFIG, temperature=1.0, window=W, with_old=True, reference="adapters_off", group_size=2,
+        model_config=CONFIG, temperature=1.0, window=W, with_old=True, reference="adapters_off",
+        group_size=2,
     )  # fmt: skip
     advantages = rng.normal(size=B).astype(np.float32)
     # Perturb the old log-probs so the ratio clip binds somewhere.
