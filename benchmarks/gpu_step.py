@@ -106,15 +106,18 @@ def _run_model(name: str, args: argparse.Namespace) -> list[dict]:
     trainable, frozen = mesh_lib.init_sharded(init, mesh_lib.weight_shardings(config, mesh))
     rng = np.random.default_rng(0)
     positions = np.arange(P - 1, T)
+    group = 4 if rows % 4 == 0 else None
+    tokens = rng.integers(0, config.vocab_size, (rows, T))
+    if group:  # G responses to one prompt, as a rollout makes them (the loss runs it once)
+        tokens[:, :P] = np.repeat(tokens[::group, :P], group, axis=0)
     batch = step_lib.Batch(
-        tokens=jnp.asarray(rng.integers(0, config.vocab_size, (rows, T)), jnp.int32),
+        tokens=jnp.asarray(tokens, jnp.int32),
         mask=jnp.ones((rows, T), bool),
         response_mask=jnp.asarray(np.broadcast_to(positions >= P, (rows, W))),
         advantages=jnp.asarray(rng.normal(size=rows), jnp.float32),
         old_logp=jnp.asarray(rng.normal(-2.0, 0.5, (rows, W)), jnp.float32),
         ref_logp=jnp.asarray(rng.normal(-2.0, 0.5, (rows, W)), jnp.float32),
     )
-    group = 4 if rows % 4 == 0 else None
     loss_config = step_lib.LossConfig(max_len=W - 1, group_size=group)
     loss_fn = functools.partial(step_lib.policy_loss, model_config=config, loss_config=loss_config)
     inner = step_lib.make_inner_optimizer(1e-6, grad_clip=1.0)
