@@ -90,7 +90,8 @@ class ModelConfig:
       key/value head (N // K), H head_dim, F MLP width (ffn_dim), V vocabulary, R LoRA rank;
       in a `DecodeCache`: Q distinct prompts, C rows per prompt (B = Q * C), P prompt slots,
       X slots of a prefix all rows share, A rows of one of its parts (1, Q or B), M queries per
-      key/value head of a part ((B / A) * G).
+      key/value head of a part ((B / A) * G); in `forward(shared_prefix_rows=)`: S prefix and U
+      own tokens of a row (T = S + U).
 
     `param_dtype` stores the base weights, `dtype` is the compute dtype of activations and the
     KV cache; norms, softmax and logits run in float32. LoRA parameters are always float32
