@@ -599,7 +599,8 @@ def _attend_grouped(
     mask_BxTxT: jax.Array,
 ) -> jax.Array:
     """Each row's queries over its group's shared prefix (all of it precedes them) and over its
-    own tokens (`mask_BxTxT`), in one softmax. Rows b*C .. b*C + C - 1 share prefix b."""
+    own tokens (`mask_BxTxT`), in one softmax. Rows b*C .. b*C + C - 1 share prefix b (Q = 1: one
+    prefix for all rows); the prefix's keys are never repeated per row."""
     Q, S = prefix_mask_QxS.shape
     B, T, K, G, H = q_BxTxKxGxH.shape
     C = B // Q
@@ -744,24 +745,18 @@ def prefill(
 
 
 def _hidden_after(config, weights, prefix: KVCache, tokens_BxT, mask_BxT, use_lora):
-    """`_hidden` (keys and values collected) for tokens that continue `prefix`'s rows: each
-    layer attends over the prefix's slots, then this call's own."""
+    """`_hidden` (keys and values collected) for tokens that continue `prefix`'s rows (one, or
+    B): each layer attends over the prefix's slots and this call's own, in one softmax."""
     B, T = tokens_BxT.shape
     positions_BxT = prefix.positions[:, None] + jnp.maximum(jnp.cumsum(mask_BxT, axis=1) - 1, 0)
     rope = _rope_tables(config, positions_BxT)
     own_BxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & mask_BxT[:, None, :]
-    seen_BxTxS = jnp.broadcast_to(prefix.mask[:, None, :], (B, T, prefix.mask.shape[1]))
-    mask_BxTxS = jnp.concatenate([seen_BxTxS, own_BxTxT], axis=2)
-
-    def widen(cached_AxSxKxH, new_BxTxKxH):
-        cached_BxSxKxH = jnp.broadcast_to(cached_AxSxKxH, (B, *cached_AxSxKxH.shape[1:]))
-        return jnp.concatenate([cached_BxSxKxH.astype(new_BxTxKxH.dtype), new_BxTxKxH], axis=1)
 
     def body(x, layer):
         p, k_AxSxKxH, v_AxSxKxH = layer
 
         def attend(q, k, v):
-            y = _attend(q, widen(k_AxSxKxH, k), widen(v_AxSxKxH, v), mask_BxTxS)
+            y = _attend_grouped(q, k_AxSxKxH, v_AxSxKxH, prefix.mask, k, v, own_BxTxT)
             return y, (k, v)
 
         x, kv = _layer(config, p, x, rope, attend, use_lora)
