@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gxpo.rl.rewards import extract_boxed
+from gxpo.rl.answers import extract_boxed
 
 DATA_DIR_ENV = "GXPO_DATA_DIR"
 MATH_TEMPLATE = (

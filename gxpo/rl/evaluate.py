@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gxpo.rl.rewards import canonical_answer
+from gxpo.rl.answers import canonical_answer
 
 
 def pass_at_k(n: int, c: int | np.ndarray, k: int) -> float | np.ndarray:

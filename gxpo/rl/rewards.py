@@ -1,6 +1,6 @@
-"""Answer extraction and verification: 1.0 for a correct response, 0.0 otherwise.
+"""Rewards: 1.0 for a correct response, 0.0 otherwise, plus an optional format bonus.
 
-Two kinds of reference answer:
+Two kinds of reference answer (``KINDS``), matched by :mod:`gxpo.rl.answers`:
 
 - ``"math"`` (MATH, Math-500, AMC23, Minerva Math, OlympiadBench): equivalence through
   ``math-verify`` (fractions, radicals, intervals, sets, units, text answers, ...).
@@ -13,17 +13,15 @@ forever, and math-verify's own signal-based timeout works only in a main thread,
 module is called from a multithreaded JAX process. A worker that overruns its deadline is
 killed and replaced; the answer scores 0 and counts in ``RewardStats.timeouts``.
 
-Key for array names: N = number of responses scored together.
+Shapes: the key in ``gxpo.models.config`` (B responses scored together).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import importlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -31,254 +29,24 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from fractions import Fraction
 from multiprocessing import connection
 
 import numpy as np
 
+from gxpo.rl.answers import extract_answer_and_box, fast_math_equal, numeric_equal
+
 KINDS = ("math", "numeric")
-
-# ---------------------------------------------------------------------------------------------
-# Extraction.
-
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-_FINAL_RES = (
-    re.compile(r"(?im)^[ \t>*]*#{4}[ \t]*([^\sA-Za-z#].*)$"),  # "#### 18", not a "#### Step" header
-    re.compile(r"(?i)final answer(?:[ \t]+is)?[ \t]*[:=]?[ \t]*(.+)"),
-    re.compile(r"(?i)the answer is[ \t]*[:=]?[ \t]*(.+)"),
-    re.compile(r"(?im)^[ \t>*]*answer[ \t]*\**[ \t]*:[ \t]*\**[ \t]*(.+)"),
-)
-# A number not glued to a preceding word, digit or dot (so "3-5" yields 5, not -5).
-_NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])")
-_MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
-
-
-def _braced(text: str, open_pos: int) -> str | None:
-    """The content of the brace group opening at ``open_pos``; None when never closed."""
-    depth = 0
-    i = open_pos
-    n = len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":  # \{ and \} are literal braces, not grouping
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_pos + 1 : i]
-        i += 1
-    return None
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox``) in ``text``, else None.
-
-    Braces nest; an unclosed box (a truncated response) is skipped for an earlier one.
-    """
-    for match in reversed(list(_BOX_RE.finditer(text))):
-        rest = match.end()
-        while rest < len(text) and text[rest] == " ":
-            rest += 1
-        if rest < len(text) and text[rest] == "{":
-            content = _braced(text, rest)
-            if content is not None:
-                return content.strip()
-        elif rest > match.end():  # "\boxed 5": the next token
-            token = re.match(r"[^\s$]+", text[rest:])
-            if token:
-                return token.group(0)
-    return None
-
-
-def _clean_final(tail: str) -> str | None:
-    """The answer inside the remainder of a final-answer line."""
-    tail = tail.strip().strip("*").strip()
-    for left, right in _MATH_DELIMS:
-        if tail.startswith(left):
-            end = tail.find(right, len(left))
-            if end > 0:
-                return tail[len(left) : end].strip() or None
-    tail = re.split(r"\.(?:\s|$)", tail, maxsplit=1)[0]
-    return tail.strip().rstrip(".").strip() or None
-
-
-def _last_number(text: str) -> str | None:
-    numbers = _NUMBER_RE.findall(text.replace("\u2212", "-"))
-    return numbers[-1] if numbers else None
-
-
-def _extract(text: str) -> tuple[str | None, bool]:
-    """(final answer, whether it came from a \\boxed{})."""
-    boxed = extract_boxed(text)
-    if boxed is not None:
-        return boxed, True
-    candidates = [m for pattern in _FINAL_RES for m in pattern.finditer(text)]
-    for match in sorted(candidates, key=lambda m: m.start(1), reverse=True):
-        answer = _clean_final(match.group(1))
-        if answer is not None:
-            return answer, False
-    return _last_number(text), False
-
-
-def extract_answer(text: str) -> str | None:
-    """The final answer of a response.
-
-    The last ``\\boxed{}``; else the last final-answer line ("The answer is ...",
-    "Final answer: ...", "#### ..."); else the last number; else None.
-    """
-    return _extract(text)[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Normalisation and numbers.
-
-_TEXT_CMD_RE = re.compile(
-    r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"
-)
-_SUBS = (
-    (re.compile(r"\\[dt]frac(?![A-Za-z])"), r"\\frac"),
-    (re.compile(r"\\frac(\d)(\d)"), r"\\frac{\1}{\2}"),
-    (re.compile(r"\\(?:left|right)(?![A-Za-z])"), ""),
-    (re.compile(r"\^\s*\{?\\circ\}?|°"), ""),
-    (re.compile(r"\\[!,;: ]|~"), ""),
-    (re.compile(r"\\?\$"), ""),
-    (re.compile(r"\\%"), "%"),
-    (re.compile(r"\s+"), ""),
-)
-_PLAIN_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)"
-_NUM_RE = re.compile(rf"{_PLAIN_NUM}(?:[eE][-+]?\d+)?")
-_THOUSANDS_RE = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")
-_SCI_RE = re.compile(rf"({_PLAIN_NUM})(?:\\times|\\cdot|×|\*)10\^\{{?([-+]?\d+)\}}?")
-_LATEX_FRAC_RE = re.compile(r"([-+]?)\\frac\{([-+]?\d+)\}\{([-+]?\d+)\}")
-_SLASH_FRAC_RE = re.compile(r"([-+]?\d+)/([-+]?\d+)")
-
-
-def normalize_answer(answer: str) -> str:
-    """A canonical string for cheap equality: no spaces, ``$``, ``\\left``, ``\\text{}``, ...
-
-    ``\\dfrac`` and ``\\tfrac`` become ``\\frac``; degree signs and a trailing period go.
-    Case is kept (variables are case-sensitive).
-    """
-    s = answer.strip().replace("\u2212", "-")
-    for pattern, repl in _SUBS:
-        s = pattern.sub(repl, s)
-    previous = None
-    while previous != s:  # unwrap nested \text{\textbf{...}}
-        previous, s = s, _TEXT_CMD_RE.sub(r"\1", s)
-    return s.rstrip(".")
-
-
-def _number(s: str) -> Fraction | None:
-    """A normalised string that is exactly one number, as a Fraction."""
-    s = s.removesuffix("%")
-    if _THOUSANDS_RE.fullmatch(s):
-        s = s.replace(",", "")
-    if _NUM_RE.fullmatch(s):
-        return Fraction(s)
-    if m := _SCI_RE.fullmatch(s):
-        return Fraction(m.group(1)) * Fraction(10) ** int(m.group(2))
-    if m := _LATEX_FRAC_RE.fullmatch(s):
-        sign, numerator, denominator = m.groups()
-    elif m := _SLASH_FRAC_RE.fullmatch(s):
-        sign, numerator, denominator = "", m.group(1), m.group(2)
-    else:
-        return None
-    if int(denominator) == 0:
-        return None
-    value = Fraction(int(numerator), int(denominator))
-    return -value if sign == "-" else value
-
-
-def parse_number(answer: str) -> Fraction | None:
-    """``answer`` as an exact number when it is one (``1,000``, ``$18.00``, ``\\frac{1}{2}``,
-    ``3/4``, ``4.5e33``, ``4.5 \\times 10^{33}``, ``50\\%`` -> 50), else None."""
-    return _number(normalize_answer(answer))
-
-
-def canonical_answer(answer: str | None) -> str | None:
-    """A key under which equivalent simple answers agree (for majority voting)."""
-    if answer is None:
-        return None
-    normalized = normalize_answer(answer)
-    number = _number(normalized)
-    return normalized if number is None else str(number)
-
-
-def _numeric_equal(prediction: str, reference: str) -> bool:
-    ref = parse_number(reference)
-    pred = parse_number(prediction)
-    if pred is None:  # "18 dollars", "x = 18": the last number in it
-        last = _last_number(prediction)
-        pred = None if last is None else parse_number(last)
-    if pred is None or ref is None:
-        return normalize_answer(prediction) == normalize_answer(reference)
-    return pred == ref or abs(pred - ref) <= Fraction(1, 10**6) * max(1, abs(ref))
-
-
-def _fast_math_equal(prediction: str, reference: str) -> bool | None:
-    """True/False when cheap matching decides; None when sympy has to."""
-    pred, ref = normalize_answer(prediction), normalize_answer(reference)
-    if not pred or not ref:  # MATH has two empty references
-        return False
-    if pred == ref:
-        return True
-    pred_num, ref_num = _number(pred), _number(ref)
-    if pred_num is None or ref_num is None:
-        return None
-    if pred_num == ref_num:
-        return True
-    # math-verify rounds floats and reads 50% as 0.5: leave near misses and percents to it.
-    if "%" in pred or "%" in ref:
-        return None
-    gap = abs(pred_num - ref_num)
-    return None if gap <= Fraction(1, 10**4) * max(1, abs(pred_num), abs(ref_num)) else False
-
-
-_SCI_E_RE = re.compile(rf"({_PLAIN_NUM})[eE]([-+]?\d+)")
-
-
-@functools.lru_cache(maxsize=8192)
-def _mv_parse(answer: str) -> list:
-    """math-verify's parse of one answer; cached since G responses share one reference."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
-
-    config = (LatexExtractionConfig(), ExprExtractionConfig())
-    return parse(f"\\boxed{{{answer}}}", extraction_config=config, parsing_timeout=None)
-
-
-def math_verify_equal(prediction: str, reference: str) -> bool:
-    """math-verify equivalence of two extracted answers (the default verifier).
-
-    No timeouts of its own: callers bound it (``RewardScorer`` runs it in workers).
-    """
-    from math_verify import verify
-
-    # math-verify reads "4.5e33" as 4.5 * e * 33 (Minerva writes references so).
-    if m := _SCI_E_RE.fullmatch(reference.strip()):
-        reference = f"{m.group(1)} \\times 10^{{{m.group(2)}}}"
-    return bool(verify(_mv_parse(reference), _mv_parse(prediction), timeout_seconds=None))
-
 
 # ---------------------------------------------------------------------------------------------
 # Verifier worker processes.
 
-_DEFAULT_VERIFIER = "gxpo.rl.rewards:math_verify_equal"
-_WORKER_MODULE = "_gxpo_verify_worker"
+_DEFAULT_VERIFIER = "gxpo.rl.answers:math_verify_equal"
 _READY, _OK, _TIMEOUT, _ERROR = "ready", 0, 1, 2
 _STARTUP_TIMEOUT_S = 120.0
-# Loads this file by path, not as gxpo.rl.rewards, so the worker never imports the package
-# (and through it JAX).
-_WORKER_BOOT = (
-    "import importlib.util, sys\n"
-    f"spec = importlib.util.spec_from_file_location({_WORKER_MODULE!r}, sys.argv[1])\n"
-    "module = importlib.util.module_from_spec(spec)\n"
-    "sys.modules[spec.name] = module\n"
-    "spec.loader.exec_module(module)\n"
-    "module._worker_main(sys.argv[2:])\n"
-)
+# A fresh interpreter that imports this module and, through the verifier spec, the matcher
+# (gxpo.rl.answers by default). The package's __init__ files import nothing, so a worker
+# never loads JAX.
+_WORKER_BOOT = "import sys\nfrom gxpo.rl.rewards import _worker_main\n_worker_main(sys.argv[1:])\n"
 
 
 class _SoftTimeout(BaseException):
@@ -291,8 +59,6 @@ def _raise_soft_timeout(signum, frame):
 
 def _resolve_verifier(spec: str) -> Callable[[str, str], bool]:
     module_name, _, attr = spec.partition(":")
-    if spec == _DEFAULT_VERIFIER:
-        return math_verify_equal
     return getattr(importlib.import_module(module_name), attr)
 
 
@@ -357,7 +123,7 @@ class _Worker:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_BOOT, os.path.abspath(__file__)]
+                [sys.executable, "-c", _WORKER_BOOT]
                 + [str(task_r), str(result_w), str(os.getpid()), repr(timeout_s), spec],
                 pass_fds=(task_r, result_w),
                 stdin=subprocess.DEVNULL,
@@ -430,16 +196,16 @@ class RewardStats:
 class RewardScorer:
     """Scores responses against references; owns the verifier worker processes.
 
-    Workers start on the first answer that needs sympy (never for ``"numeric"`` batches)
-    and live until ``close()`` (or garbage collection / interpreter exit). Thread-safe:
-    calls are serialised.
+    Use it as a context manager, or call ``close()``: workers start on the first answer that
+    needs sympy (never for ``"numeric"`` batches) and live until then (or garbage collection /
+    interpreter exit). Thread-safe: calls are serialised.
 
     Args:
       timeout_s: per-answer limit for a verification. A worker signals itself at
         ``timeout_s`` and is killed and replaced at ``timeout_s + kill_grace_s``.
       num_workers: verifier processes; default min(4, CPU count).
       verifier: ``"module:function"`` with ``function(prediction, reference) -> bool``,
-        importable in a fresh interpreter; the default is ``math_verify_equal``.
+        importable in a fresh interpreter; the default is ``gxpo.rl.answers.math_verify_equal``.
       cache_size: verified (answer, reference) results kept for reuse across calls.
     """
 
@@ -486,7 +252,7 @@ class RewardScorer:
         *,
         format_reward: float = 0.0,
     ) -> tuple[np.ndarray, RewardStats]:
-        """Rewards_N (float32): 1.0 per correct response, + ``format_reward`` if it boxed."""
+        """rewards_B (float32): 1.0 per correct response, + ``format_reward`` if it boxed."""
         start = time.perf_counter()
         n = len(responses)
         kinds = [kind] * n if isinstance(kind, str) else list(kind)
@@ -498,43 +264,44 @@ class RewardScorer:
         if bad := sorted(set(kinds) - set(KINDS)):
             raise ValueError(f"unknown kind {bad}; expected one of {KINDS}")
         stats = RewardStats(count=n)
-        correct_N = np.zeros(n, dtype=bool)
-        boxed_N = np.zeros(n, dtype=bool)
+        correct_B = np.zeros(n, dtype=bool)
+        boxed_B = np.zeros(n, dtype=bool)
         pending: dict[tuple[str, str], list[int]] = {}
         with self._lock:
             for i, (response, reference, k) in enumerate(zip(responses, references, kinds)):
-                pred, boxed_N[i] = _extract(response)
+                pred, boxed_B[i] = extract_answer_and_box(response)
                 if pred is None:
                     stats.no_answer += 1
                     continue
                 ref = str(reference)
                 if k == "numeric":
-                    correct_N[i] = _numeric_equal(pred, ref)
+                    correct_B[i] = numeric_equal(pred, ref)
                     stats.fast += 1
                     continue
-                decided = _fast_math_equal(pred, ref)
+                decided = fast_math_equal(pred, ref)
                 if decided is not None:
-                    correct_N[i] = decided
+                    correct_B[i] = decided
                     stats.fast += 1
                 elif (pred, ref) in self._cache:
                     self._cache.move_to_end((pred, ref))
-                    correct_N[i] = self._cache[(pred, ref)]
+                    correct_B[i] = self._cache[(pred, ref)]
                     stats.cached += 1
                 else:
                     pending.setdefault((pred, ref), []).append(i)
             if pending:
-                self._verify_pending(pending, correct_N, stats)
-        stats.correct = int(correct_N.sum())
-        stats.boxed = int(boxed_N.sum())
-        rewards_N = correct_N.astype(np.float32) + np.float32(format_reward) * boxed_N
+                self._verify_pending(pending, correct_B, stats)
+        stats.correct = int(correct_B.sum())
+        stats.boxed = int(boxed_B.sum())
+        rewards_B = correct_B.astype(np.float32) + np.float32(format_reward) * boxed_B
         stats.seconds = time.perf_counter() - start
-        return rewards_N, stats
+        return rewards_B, stats
 
     def score(
         self, response: str, reference: str, kind: str = "math", *, format_reward: float = 0.0
     ) -> float:
-        rewards_N, _ = self.score_batch([response], [reference], kind, format_reward=format_reward)
-        return float(rewards_N[0])
+        """The reward of one response (``score_batch`` of one)."""
+        rewards_B, _ = self.score_batch([response], [reference], kind, format_reward=format_reward)
+        return float(rewards_B[0])
 
     def start(self) -> None:
         """Start the workers now without waiting for them (they warm up while you compile)."""
@@ -559,14 +326,14 @@ class RewardScorer:
     # -- workers -----------------------------------------------------------------------------
 
     def _verify_pending(
-        self, pending: dict[tuple[str, str], list[int]], correct_N: np.ndarray, stats: RewardStats
+        self, pending: dict[tuple[str, str], list[int]], correct_B: np.ndarray, stats: RewardStats
     ) -> None:
         pairs = list(pending)
         outcomes = self._run(pairs)
         for pair, (status, value) in zip(pairs, outcomes):
             rows = pending[pair]
             if status == _OK:
-                correct_N[rows] = value
+                correct_B[rows] = value
                 stats.verified += len(rows)
                 self._cache[pair] = value
             elif status == _TIMEOUT:
@@ -632,37 +399,3 @@ class RewardScorer:
             outcomes[w.task] = (status, False)
         w.kill()
         return self._spawn()
-
-
-# ---------------------------------------------------------------------------------------------
-# Module-level convenience over one shared scorer.
-
-_default_scorer: RewardScorer | None = None
-_default_lock = threading.Lock()
-
-
-def default_scorer() -> RewardScorer:
-    """The process-wide ``RewardScorer`` with default settings (created on first use)."""
-    global _default_scorer
-    with _default_lock:
-        if _default_scorer is None:
-            _default_scorer = RewardScorer()
-        return _default_scorer
-
-
-def score_batch(
-    responses: Sequence[str],
-    references: Sequence[str],
-    kind: str | Sequence[str],
-    *,
-    format_reward: float = 0.0,
-) -> tuple[np.ndarray, RewardStats]:
-    """``RewardScorer.score_batch`` on the shared default scorer."""
-    return default_scorer().score_batch(responses, references, kind, format_reward=format_reward)
-
-
-def score(
-    response: str, reference: str, kind: str = "math", *, format_reward: float = 0.0
-) -> float:
-    """1.0 if ``response`` answers ``reference`` correctly (+ ``format_reward`` if boxed)."""
-    return default_scorer().score(response, reference, kind, format_reward=format_reward)

@@ -27,10 +27,11 @@ from gxpo.models.presets import get_preset
 from gxpo.models.transformer import ModelConfig, init_model
 from gxpo.optim import ZScoreGate
 from gxpo.rl import grpo
+from gxpo.rl.answers import canonical_answer, extract_answer
 from gxpo.rl.data import ArithTask, BatchIterator, Example, build_prompt, encode_prompts
 from gxpo.rl.data import load_examples as load_dataset
 from gxpo.rl.evaluate import format_table, summarize
-from gxpo.rl.rewards import RewardScorer, canonical_answer, extract_answer
+from gxpo.rl.rewards import RewardScorer
 from gxpo.rl.sampler import end_token_ids, sample, split_prompts
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import step as step_lib
