@@ -31,7 +31,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gxpo.train.logging import format_table, read_jsonl
+from gxpo.tables import format_table
+from gxpo.train.logging import read_jsonl
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=False)
 _OUT = flags.DEFINE_string("out", None, "Results directory.", required=True)

@@ -1,6 +1,6 @@
 """Evaluation metrics over n sampled responses per problem: avg pass@1, pass@k, maj@n.
 
-Key for array names: P = problems in a benchmark, N = samples per problem.
+Shapes: the key in ``gxpo.models.config`` (Q problems of a benchmark, G samples per problem).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from gxpo.rl.answers import canonical_answer
+from gxpo.tables import format_table
 
 
 def pass_at_k(n: int, c: int | np.ndarray, k: int) -> float | np.ndarray:
@@ -23,24 +24,24 @@ def pass_at_k(n: int, c: int | np.ndarray, k: int) -> float | np.ndarray:
     c_arr = np.asarray(c)
     if np.any(c_arr < 0) or np.any(c_arr > n):
         raise ValueError(f"correct counts must lie in [0, n={n}], got {c}")
-    # fail_C[c] = C(n - c, k) / C(n, k): all k draws miss the c correct samples.
-    fail_C = np.ones(n + 1)
-    fail_C[1:] = np.cumprod(1.0 - k / np.arange(n, 0, -1, dtype=np.float64))
-    fail_C[n - k + 1 :] = 0.0  # fewer than k wrong samples: a correct one is always drawn
-    result = 1.0 - fail_C[c_arr]
+    # fail[c] = C(n - c, k) / C(n, k): all k draws miss the c correct samples.
+    fail = np.ones(n + 1)
+    fail[1:] = np.cumprod(1.0 - k / np.arange(n, 0, -1, dtype=np.float64))
+    fail[n - k + 1 :] = 0.0  # fewer than k wrong samples: a correct one is always drawn
+    result = 1.0 - fail[c_arr]
     return float(result) if result.ndim == 0 else result
 
 
 def majority_correct(
-    correct_PxN: np.ndarray, answers: Sequence[Sequence[str | None]]
+    correct_QxG: np.ndarray, answers: Sequence[Sequence[str | None]]
 ) -> np.ndarray:
-    """Per problem, the correctness of the most frequent answer (maj@n), float [P].
+    """Per problem, the correctness of the most frequent answer (maj@n), float [Q].
 
-    Answers are compared by ``rewards.canonical_answer``; None (no answer) never wins; ties
+    Answers are compared by ``answers.canonical_answer``; None (no answer) never wins; ties
     go to the answer seen first. A problem with no answer at all scores 0.
     """
-    majority_P = np.zeros(len(answers))
-    for p, row in enumerate(answers):
+    majority_Q = np.zeros(len(answers))
+    for q, row in enumerate(answers):
         counts: dict[str, int] = {}
         first: dict[str, int] = {}
         for j, answer in enumerate(row):
@@ -51,8 +52,8 @@ def majority_correct(
         if counts:
             # max() keeps the first of equal items; dicts iterate in first-seen order.
             winner = max(counts, key=counts.__getitem__)
-            majority_P[p] = float(correct_PxN[p, first[winner]])
-    return majority_P
+            majority_Q[q] = float(correct_QxG[q, first[winner]])
+    return majority_Q
 
 
 def default_ks(n: int) -> tuple[int, ...]:
@@ -61,7 +62,7 @@ def default_ks(n: int) -> tuple[int, ...]:
 
 
 def summarize(
-    correct_PxN: np.ndarray,
+    correct_QxG: np.ndarray,
     answers: Sequence[Sequence[str | None]] | None = None,
     ks: Sequence[int] | None = None,
 ) -> dict[str, float]:
@@ -69,22 +70,22 @@ def summarize(
 
     Keys: ``n``, ``problems``, ``pass@1`` (mean correctness over all samples, i.e. avg
     pass@1), ``pass@k`` for each k in ``ks`` (default ``default_ks(n)``), and ``maj@n`` when
-    ``answers`` (the extracted answers, [P][N]) are given.
+    ``answers`` (the extracted answers, [Q][G]) are given.
     """
-    correct_PxN = np.asarray(correct_PxN, dtype=bool)
-    if correct_PxN.ndim != 2 or correct_PxN.shape[1] < 1:
-        raise ValueError(f"correct must be [problems, n] with n >= 1, got {correct_PxN.shape}")
-    num_problems, n = correct_PxN.shape
+    correct_QxG = np.asarray(correct_QxG, dtype=bool)
+    if correct_QxG.ndim != 2 or correct_QxG.shape[1] < 1:
+        raise ValueError(f"correct must be [problems, n] with n >= 1, got {correct_QxG.shape}")
+    num_problems, n = correct_QxG.shape
     if answers is not None and [len(a) for a in answers] != [n] * num_problems:
         raise ValueError(f"answers must be [problems={num_problems}][n={n}] like correct")
-    c_P = correct_PxN.sum(axis=1)
+    c_Q = correct_QxG.sum(axis=1)
     out: dict[str, float] = {"n": n, "problems": num_problems}
-    out["pass@1"] = float(correct_PxN.mean())
+    out["pass@1"] = float(correct_QxG.mean())
     for k in ks or default_ks(n):
         if k != 1:
-            out[f"pass@{k}"] = float(np.mean(pass_at_k(n, c_P, k)))
+            out[f"pass@{k}"] = float(np.mean(pass_at_k(n, c_Q, k)))
     if answers is not None:
-        out["maj@n"] = float(majority_correct(correct_PxN, answers).mean())
+        out["maj@n"] = float(majority_correct(correct_QxG, answers).mean())
     return out
 
 
@@ -94,10 +95,8 @@ def _metric_order(name: str) -> tuple[int, int]:
     return 1, 0
 
 
-def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+def benchmark_table(results: Mapping[str, Mapping[str, float]]) -> str:
     """Per-benchmark rows of percentages plus an unweighted "Average" row (cf. Table 1)."""
-    from gxpo.train.logging import format_table as plain_table  # noqa: PLC0415 (rl -> train)
-
     if not results:
         return "(no benchmarks)"
     metrics = sorted(
@@ -114,12 +113,8 @@ def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
         if all(m in r for r in results.values())
     }
     rows.append({"benchmark": "Average", "n": "", **_percent(average, metrics)})
-    return plain_table(rows, ["benchmark", "n", *metrics], float_format=".1f")
+    return format_table(rows, ["benchmark", "n", *metrics], float_format=".1f")
 
 
 def _percent(values: Mapping[str, float], metrics: Sequence[str]) -> dict[str, float]:
     return {m: 100 * float(values[m]) for m in metrics if m in values}
-
-
-def print_table(results: Mapping[str, Mapping[str, float]]) -> None:
-    print(format_table(results))

@@ -30,7 +30,7 @@ from gxpo.rl import grpo
 from gxpo.rl.answers import canonical_answer, extract_answer
 from gxpo.rl.data import ArithTask, BatchIterator, Example, build_prompt, encode_prompts
 from gxpo.rl.data import load_examples as load_dataset
-from gxpo.rl.evaluate import format_table, summarize
+from gxpo.rl.evaluate import benchmark_table, summarize
 from gxpo.rl.rewards import RewardScorer
 from gxpo.rl.sampler import end_token_ids, sample, split_prompts
 from gxpo.train import mesh as mesh_lib
@@ -464,7 +464,7 @@ class Trainer:
                 ),
             )
         if self.is_main and not self.config.train.quiet:
-            print(f"\nEvaluation at step {self.step}:\n{format_table(results)}", flush=True)
+            print(f"\nEvaluation at step {self.step}:\n{benchmark_table(results)}", flush=True)
         return results
 
     # ------------------------------------------------------------------ checkpoints

@@ -7,14 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from gxpo.rl.evaluate import (
-    default_ks,
-    format_table,
-    majority_correct,
-    pass_at_k,
-    print_table,
-    summarize,
-)
+from gxpo.rl.evaluate import benchmark_table, default_ks, majority_correct, pass_at_k, summarize
 
 # n = 5: PASS5[c][k - 1] = 1 - C(5 - c, k) / C(5, k), worked by hand.
 PASS5 = [
@@ -104,16 +97,15 @@ def test_default_ks():
     assert default_ks(16) == (1, 2, 4, 8, 16)
 
 
-def test_table(capsys):
+def test_table():
     results = {
         "math500": {"n": 4, "problems": 500, "pass@1": 0.5, "pass@4": 0.75, "maj@n": 0.6},
         "gsm8k": {"n": 4, "problems": 1319, "pass@1": 0.25, "pass@4": 0.5, "maj@n": 0.3},
     }
-    table = format_table(results)
+    table = benchmark_table(results)
     lines = table.splitlines()
     assert lines[0].split() == ["benchmark", "n", "pass@1", "pass@4", "maj@n"]
     assert lines[2].split() == ["math500", "4", "50.0", "75.0", "60.0"]
     assert lines[3].split() == ["gsm8k", "4", "25.0", "50.0", "30.0"]
     assert lines[4].split() == ["Average", "37.5", "62.5", "45.0"]
-    print_table(results)
-    assert capsys.readouterr().out.strip() == table
+    assert benchmark_table({}) == "(no benchmarks)"

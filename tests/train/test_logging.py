@@ -1,4 +1,4 @@
-"""Run writer (JSONL + TensorBoard), resume truncation, progress bar, table and plots."""
+"""Run writer (JSONL + TensorBoard), resume truncation, progress bar and plots."""
 
 import json
 import struct
@@ -19,7 +19,6 @@ from gxpo.train.logging import (
     TENSORBOARD_DIR,
     ProgressBar,
     RunLogger,
-    format_table,
     read_jsonl,
 )
 
@@ -133,19 +132,6 @@ def test_progress_bar_shows_reward_and_accuracy(capsys):
     with ProgressBar(4, quiet=True) as bar:
         bar.update({"reward_mean": 0.5})
     assert capsys.readouterr().err == ""
-
-
-def test_format_table_aligns_columns():
-    rows = [
-        {"benchmark": "math500", "pass@1": 0.41234, "n": 4},
-        {"benchmark": "gsm8k", "pass@1": 0.5, "n": 16},
-    ]
-    assert format_table(rows, ["benchmark", "pass@1", "n", "maj@4"]).splitlines() == [
-        "benchmark  pass@1   n  maj@4",
-        "---------  ------  --  -----",
-        "math500    0.4123   4  -",
-        "gsm8k      0.5000  16  -",
-    ]
 
 
 def fake_run(workdir, policy, reward_slope, seconds_per_step):
