@@ -3,9 +3,12 @@
 Formulas as in the spec, GXPO.md ("GRPO loss and advantages"); where verl (volcengine/verl,
 ``verl/trainer/ppo/core_algos.py``) fixes a detail the spec leaves open, we match verl and say so.
 
-Shape key: B responses in the batch (Q prompts x G responses each, a prompt's G responses in
-consecutive rows q*G .. q*G+G-1), T token positions, V vocabulary, Q prompts, G responses per
-prompt, C positions per chunk, N chunks, M = (N - 1) * C.
+Shapes: the key in ``gxpo.models.config``. The B = Q * G responses of a batch hold a prompt's
+G responses in consecutive rows q*G .. q*G+G-1; a chunked pass walks the T positions in Y chunks
+of C.
+
+Dtypes: float32 arithmetic for float32, bf16 and integer inputs; float64 inputs (only under
+``jax_enable_x64``) stay float64, so that tests can check the math to float64 precision.
 
 Token alignment: every ``*_BxT`` per-token array is aligned with ``tokens_BxT``: entry ``[b, t]``
 belongs to token ``tokens[b, t]`` (its log-prob, its mask bit), and is computed from
@@ -26,6 +29,12 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # off-policy token cannot overflow the loss; the k3 value itself is clamped to [-10, 10].
 _LOG_RATIO_CLAMP = 20.0
 _KL_CLAMP = 10.0
+
+
+def _float(x: jax.Array) -> jax.Array:
+    """``x`` as float32, or as float64 when it is float64."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -58,11 +67,11 @@ def group_advantages(
       eps: added to the std, so an (almost) constant group does not blow up.
 
     Returns:
-      ``advantages_B`` in float32; exactly 0 for every response of a group whose rewards are
-      all equal.
+      ``advantages_B`` in float32 (float64 for float64 rewards); exactly 0 for every response
+      of a group whose rewards are all equal.
     """
     _check_choice("scale", scale, SCALES)
-    rewards_B = jnp.asarray(rewards_B, jnp.float32)
+    rewards_B = _float(rewards_B)
     _check_groups(rewards_B.shape[0], group_size)
     r_QxG = rewards_B.reshape(-1, group_size)
     centered_QxG = r_QxG - r_QxG.mean(axis=1, keepdims=True)
@@ -101,7 +110,7 @@ def _next_token_stats(
     # a separate softmax): H = lse - sum_v e_v x_v / sum_v e_v with e = exp(x - max x).
     # XLA:CPU keeps x as one float32 [B, T, V] temporary (x and e with entropy); chunk_size
     # bounds them to [B, C, V].
-    x_BxTxV = logits_BxTxV.astype(jnp.float32) / temperature
+    x_BxTxV = _float(logits_BxTxV) / temperature
     max_BxTx1 = jax.lax.stop_gradient(jnp.max(x_BxTxV, axis=-1, keepdims=True))
     e_BxTxV = jnp.exp(x_BxTxV - max_BxTx1)
     sum_e_BxT = jnp.sum(e_BxTxV, axis=-1)
@@ -121,13 +130,13 @@ def _chunked_next_token_stats(
     chunk_size: int,
 ) -> tuple[jax.Array, jax.Array | None]:
     batch, positions, _ = logits_BxTxV.shape
-    n_chunks = -(-positions // chunk_size)
+    num_chunks = -(-positions // chunk_size)
     # The last chunk starts at T - chunk_size and overlaps its neighbour (dynamic_slice clamps
     # the start): no padded copy of the logits; overlapping positions are computed twice.
-    starts = jnp.minimum(jnp.arange(n_chunks) * chunk_size, positions - chunk_size)
+    starts_Y = jnp.minimum(jnp.arange(num_chunks) * chunk_size, positions - chunk_size)
 
     # jax.checkpoint keeps only the chunk start as a residual: the backward pass recomputes the
-    # chunk's softmax instead of storing all n_chunks of them (the full [B, T, V] again).
+    # chunk's softmax instead of storing all Y of them (the full [B, T, V] again).
     @jax.checkpoint
     def one_chunk(start):
         logits_BxCxV = jax.lax.dynamic_slice_in_dim(logits_BxTxV, start, chunk_size, axis=1)
@@ -135,13 +144,13 @@ def _chunked_next_token_stats(
         logp_BxC, ent_BxC = _next_token_stats(logits_BxCxV, next_BxC, temperature, with_entropy)
         return logp_BxC, (ent_BxC if with_entropy else jnp.zeros_like(logp_BxC))
 
-    logp_NxBxC, ent_NxBxC = jax.lax.map(one_chunk, starts)
+    logp_YxBxC, ent_YxBxC = jax.lax.map(one_chunk, starts_Y)
 
-    def unchunk(a_NxBxC):  # back to [B, T], keeping the last chunk's new positions only
-        full_BxM = a_NxBxC[:-1].transpose(1, 0, 2).reshape(batch, -1)
-        return jnp.concatenate([full_BxM, a_NxBxC[-1, :, full_BxM.shape[1] - positions :]], 1)
+    def unchunk(a_YxBxC):  # back to [B, T], keeping the last chunk's new positions only
+        first = a_YxBxC[:-1].transpose(1, 0, 2).reshape(batch, -1)  # [B, (Y - 1) * C]
+        return jnp.concatenate([first, a_YxBxC[-1, :, first.shape[1] - positions :]], axis=1)
 
-    return unchunk(logp_NxBxC), (unchunk(ent_NxBxC) if with_entropy else None)
+    return unchunk(logp_YxBxC), (unchunk(ent_YxBxC) if with_entropy else None)
 
 
 def _token_stats(
@@ -192,11 +201,11 @@ def token_logprobs(
 
     ``chunk_size`` (optional) walks the T axis in chunks of that many positions under
     ``jax.checkpoint``, so float32 temporaries are ``[B, chunk_size, V]``, not ``[B, T, V]``;
-    None or ``chunk_size >= T``: one pass, no loop (the default, and the faster one). Measured
-    at B=8, T=1024, V=128256 on an H100: the one-pass forward fuses completely (no [B, T, V]
-    temporary); its gradient needs a 3.9 GiB float32 temporary when the logits are bf16 (none
-    for float32 logits), which chunk_size=128 cuts to 0.5 GiB at 10 ms instead of 6.5 ms.
-    On XLA:CPU the one-pass forward holds one or two float32 [B, T, V] values.
+    None or ``chunk_size >= T``: one pass, no loop (the default, and the faster one). On GPU
+    the one-pass forward fuses completely (no [B, T, V] temporary), but its gradient needs a
+    float32 [B, T, V] temporary when the logits are bf16 (none for float32 logits); chunking
+    bounds it to [B, chunk_size, V] at some cost in speed. On XLA:CPU the one-pass forward holds
+    one or two float32 [B, T, V] values.
     """
     return _token_stats(logits_BxTxV, tokens_BxT, temperature, False, chunk_size)[0]
 
@@ -351,13 +360,13 @@ def grpo_loss(
     mask_BxT = mask_BxT.astype(bool)
 
     def masked(x_BxT):  # sanitise masked entries so that neither value nor gradient sees them
-        return jnp.where(mask_BxT, jnp.asarray(x_BxT, jnp.float32), 0.0)
+        return jnp.where(mask_BxT, _float(x_BxT), 0.0)
 
     logp_BxT = masked(logp_BxT)
     old_BxT = jax.lax.stop_gradient(logp_BxT) if old_logp_BxT is None else masked(old_logp_BxT)
     log_ratio_BxT = jnp.clip(logp_BxT - old_BxT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio_BxT = jnp.exp(log_ratio_BxT)
-    a_Bx1 = jnp.asarray(advantages_B, jnp.float32)[:, None]
+    a_Bx1 = _float(advantages_B)[:, None]
     unclipped_BxT = -a_Bx1 * ratio_BxT
     clipped_BxT = -a_Bx1 * jnp.clip(ratio_BxT, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
     pg_loss = aggregate_loss(
@@ -375,7 +384,7 @@ def grpo_loss(
             loss = loss + kl_coef * aggregate_loss(kl_BxT, mask_BxT, aggregation, max_len)
         metrics["kl_ref"] = _masked_mean(kl_BxT, mask_BxT)
     if entropy_BxT is not None:
-        metrics["entropy"] = _masked_mean(jnp.asarray(entropy_BxT, jnp.float32), mask_BxT)
+        metrics["entropy"] = _masked_mean(_float(entropy_BxT), mask_BxT)
     if group_size is not None:
         metrics["nonzero_adv_groups"] = nonzero_group_fraction(advantages_B, group_size)
     metrics["loss"] = loss

@@ -1,4 +1,8 @@
-"""GRPO advantages, token log-probs and loss: hand-worked numbers, a NumPy reference, masking."""
+"""GRPO advantages, token log-probs and loss: hand-worked numbers, a NumPy reference, masking.
+
+Tests of the math run in float64 (the ``x64`` fixture; grpo keeps float64 inputs float64) and
+compare at 1e-12; tests where float32 is the point (rounding, overflow, bitwise masking) say so.
+"""
 
 import math
 import zlib
@@ -9,6 +13,16 @@ import numpy as np
 import pytest
 
 from gxpo.rl import grpo
+
+EXACT = dict(rtol=1e-12, atol=1e-15)  # float64 results against exact or float64 values
+
+
+@pytest.fixture
+def x64():
+    """jax_enable_x64 for one test, restored afterwards."""
+    with jax.enable_x64(True):
+        yield
+
 
 # --- A hand-worked batch: Q = 2 prompts x G = 2 responses, T = 3 token positions. -----------
 # Rewards [1, 0 | 1, 1] with scale="none" (Dr.GRPO) give advantages [0.5, -0.5 | 0, 0].
@@ -25,7 +39,7 @@ from gxpo.rl import grpo
 # 9 response tokens; clipped term taken (strictly) on 2 of them.
 HAND_MASK = np.array([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]], bool)
 HAND_LOG_RATIO = np.log([[1.5, 1.0, 1.0], [0.5, 1.5, 1.2], [2.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
-HAND_ADV = np.array([0.5, -0.5, 0.0, 0.0], np.float32)
+HAND_ADV = np.array([0.5, -0.5, 0.0, 0.0])
 # Reference: ref - logp = ln 2 at row 1 token 1 (k3: 2 - ln 2 - 1 = 0.306853) and -ln 2 at row 3
 # token 0 (k3: 0.5 + ln 2 - 1 = 0.193147); k3 sums to 0.5, k1 = logp - ref sums to 0.
 HAND_REF_MINUS_LOGP = np.zeros((4, 3))
@@ -38,25 +52,26 @@ def hand_batch():
     ref = logp + HAND_REF_MINUS_LOGP
     # Garbage on masked entries must not reach the loss, the metrics or the gradient.
     old[0, 2], ref[0, 2], ref[2, 1] = np.nan, np.inf, 100.0
-    return tuple(jnp.asarray(a, jnp.float32) for a in (logp, old, ref))
+    return tuple(jnp.asarray(a, jnp.float64) for a in (logp, old, ref))
 
 
-def test_group_advantages_hand_worked():
-    rewards = jnp.array([1.0, 0.0, 1.0, 1.0])
+def test_group_advantages_hand_worked(x64):
+    rewards = jnp.array([1.0, 0.0, 1.0, 1.0], jnp.float64)
     # Group 0: mean 0.5, unbiased std sqrt((0.25 + 0.25) / 1) = sqrt(0.5).
     a = 0.5 / (math.sqrt(0.5) + 1e-6)
-    np.testing.assert_allclose(grpo.group_advantages(rewards, 2), [a, -a, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(grpo.group_advantages(rewards, 2), [a, -a, 0, 0], **EXACT)
     np.testing.assert_allclose(
-        grpo.group_advantages(rewards, 2, scale="none"), [0.5, -0.5, 0, 0], rtol=1e-6
+        grpo.group_advantages(rewards, 2, scale="none"), [0.5, -0.5, 0, 0], **EXACT
     )
     # Groups are consecutive rows: G = 4 is one group of mean 0.75, std sqrt(0.25) = 0.5.
     np.testing.assert_allclose(
-        grpo.group_advantages(rewards, 4, eps=0.0), [0.5, -1.5, 0.5, 0.5], rtol=1e-6
+        grpo.group_advantages(rewards, 4, eps=0.0), [0.5, -1.5, 0.5, 0.5], **EXACT
     )
 
 
 def test_constant_group_gets_exactly_zero_advantage():
-    # The float32 mean of three 0.1s is not 0.1; the advantage must still be exactly 0.
+    # float32 on purpose: the float32 mean of three 0.1s is not 0.1; the advantage must still be
+    # exactly 0.
     rewards = jnp.array([0.1, 0.1, 0.1, 0.3, 0.7, 0.2], jnp.float32)
     for scale in ("std", "none"):
         adv = np.asarray(grpo.group_advantages(rewards, 3, scale=scale))
@@ -65,20 +80,27 @@ def test_constant_group_gets_exactly_zero_advantage():
     assert float(grpo.nonzero_group_fraction(grpo.group_advantages(rewards, 3), 3)) == 0.5
 
 
-def test_token_logprobs_hand_worked():
+def test_token_logprobs_hand_worked(x64):
     # logits[0, 0] = log [1, 2, 3] -> p = [1, 2, 3] / 6 predicts tokens[0, 1] = 2: log(1/2).
     # logits[0, 1] = 0 -> uniform predicts tokens[0, 2] = 0: log(1/3). logits[0, 2] predicts
     # nothing; position 0 holds 0.
-    logits = jnp.log(jnp.array([[[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [5.0, 1.0, 1.0]]]))
+    p = np.array([[[1.0, 2.0, 3.0], [1.0, 1.0, 1.0], [5.0, 1.0, 1.0]]])
+    logits = jnp.log(jnp.asarray(p, jnp.float64))
     tokens = jnp.array([[1, 2, 0]])
     logp, ent = grpo.token_logprobs_and_entropy(logits, tokens)
-    np.testing.assert_allclose(logp, [[0.0, math.log(1 / 2), math.log(1 / 3)]], rtol=1e-6)
+    np.testing.assert_allclose(logp, [[0.0, math.log(1 / 2), math.log(1 / 3)]], **EXACT)
     h0 = -(1 / 6 * math.log(1 / 6) + 1 / 3 * math.log(1 / 3) + 1 / 2 * math.log(1 / 2))
-    np.testing.assert_allclose(ent, [[0.0, h0, math.log(3)]], rtol=1e-6)
-    # Temperature 0.5 squares the probabilities: [1, 4, 9] / 14.
-    logp_t = grpo.token_logprobs(logits.astype(jnp.bfloat16), tokens, temperature=0.5)
+    np.testing.assert_allclose(ent, [[0.0, h0, math.log(3)]], **EXACT)
+    # bf16 logits are computed in float32. Temperature 0.5 squares the probabilities:
+    # [1, 4, 9] / 14, up to bf16's rounding of log 2 and log 3 (8 bits: 7e-3 of this log-prob).
+    logits_bf16 = logits.astype(jnp.bfloat16)
+    logp_t = grpo.token_logprobs(logits_bf16, tokens, temperature=0.5)
     assert logp_t.dtype == jnp.float32
     np.testing.assert_allclose(logp_t[0, 1], math.log(9 / 14), rtol=1e-2)
+    # Against the rounded logits themselves: a few float32 ops on values up to 2.2, i.e.
+    # ~10 eps32 * 2.2 / |log(9/14)| ~ 6e-6 relative.
+    x = 2 * np.asarray(logits_bf16, np.float64)[0, 0]
+    np.testing.assert_allclose(logp_t[0, 1], x[2] - np.log(np.exp(x).sum()), rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +112,7 @@ def test_token_logprobs_hand_worked():
         ("seq-mean-token-sum-norm", 4, 0.65 / 4),
     ],
 )
-def test_grpo_loss_hand_worked(aggregation, max_len, pg_loss):
+def test_grpo_loss_hand_worked(x64, aggregation, max_len, pg_loss):
     logp, old, ref = hand_batch()
     k3_a, k3_b = 1 - math.log(2), math.log(2) - 0.5  # the two nonzero k3 terms, sum 0.5
     kl_sum = {"token-mean": 0.5 / 9, "seq-mean-token-mean": (k3_a / 3 + k3_b / 3) / 4}
@@ -99,27 +121,30 @@ def test_grpo_loss_hand_worked(aggregation, max_len, pg_loss):
         logp, old, ref, jnp.asarray(HAND_ADV), jnp.asarray(HAND_MASK),
         kl_coef=0.1, aggregation=aggregation, max_len=max_len, group_size=2,
     )  # fmt: skip
-    np.testing.assert_allclose(m["pg_loss"], pg_loss, rtol=1e-5)
-    np.testing.assert_allclose(loss, pg_loss + 0.1 * kl_sum[aggregation], rtol=1e-5)
+    np.testing.assert_allclose(m["pg_loss"], pg_loss, **EXACT)
+    np.testing.assert_allclose(loss, pg_loss + 0.1 * kl_sum[aggregation], **EXACT)
     np.testing.assert_allclose(m["loss"], loss)
+    # clip_frac is a float32 count ratio: 2 / 9 to float32 rounding.
     np.testing.assert_allclose(m["clip_frac"], 2 / 9, rtol=1e-6)
-    np.testing.assert_allclose(m["approx_kl_old"], -math.log(1.5 * 1.5 * 0.5 * 1.2 * 2) / 9)
-    np.testing.assert_allclose(m["kl_ref"], 0.5 / 9, rtol=1e-5)
+    np.testing.assert_allclose(
+        m["approx_kl_old"], -math.log(1.5 * 1.5 * 0.5 * 1.2 * 2) / 9, **EXACT
+    )
+    np.testing.assert_allclose(m["kl_ref"], 0.5 / 9, **EXACT)
     assert float(m["nonzero_adv_groups"]) == 0.5
     _, m1 = grpo.grpo_loss(
         logp, old, ref, jnp.asarray(HAND_ADV), jnp.asarray(HAND_MASK), kl_estimator="k1"
     )
-    np.testing.assert_allclose(m1["kl_ref"], 0.0, atol=1e-7)
+    np.testing.assert_allclose(m1["kl_ref"], 0.0, **EXACT)
 
 
-def test_asymmetric_clip_hand_worked():
+def test_asymmetric_clip_hand_worked(x64):
     # Row 0 token 0 (ratio 1.5, A = 0.5) under clip_eps_high = 0.28: pg = -1.28 * 0.5 = -0.64.
     logp, old, _ = hand_batch()
     _, m = grpo.grpo_loss(
         logp, old, None, jnp.asarray(HAND_ADV), jnp.asarray(HAND_MASK), kl_coef=0.0,
         clip_eps_high=0.28, aggregation="seq-mean-token-sum-norm", max_len=1,
     )  # fmt: skip
-    np.testing.assert_allclose(m["pg_loss"], -0.64 - 0.5 + 1.75, rtol=1e-5)
+    np.testing.assert_allclose(m["pg_loss"], -0.64 - 0.5 + 1.75, **EXACT)
 
 
 # --- NumPy reference on random inputs. ------------------------------------------------------
@@ -167,7 +192,7 @@ def np_grpo_loss(logp, old, ref, adv, mask, eps_lo, eps_hi, kl_coef, est, agg, m
 @pytest.mark.parametrize("scale", ["std", "none"])
 @pytest.mark.parametrize("kl_estimator", ["k3", "k1"])
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
-def test_matches_numpy_reference(scale, kl_estimator, aggregation):
+def test_matches_numpy_reference(x64, scale, kl_estimator, aggregation):
     rng = np.random.default_rng(zlib.crc32(f"{scale}/{kl_estimator}/{aggregation}".encode()))
     q, g, t, v = 3, 4, 6, 11
     b = q * g
@@ -183,24 +208,24 @@ def test_matches_numpy_reference(scale, kl_estimator, aggregation):
     max_len = 8 if aggregation == "seq-mean-token-sum-norm" else None
     kw = dict(clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.05, kl_estimator=kl_estimator)
 
-    adv = grpo.group_advantages(jnp.asarray(rewards), g, scale=scale)
-    np.testing.assert_allclose(adv, np_group_advantages(rewards, g, scale), rtol=1e-5, atol=1e-6)
-    logp, ent = grpo.token_logprobs_and_entropy(jnp.asarray(logits), jnp.asarray(tokens), 0.8)
+    f64 = lambda a: jnp.asarray(a, jnp.float64)
+    adv = grpo.group_advantages(f64(rewards), g, scale=scale)
+    np.testing.assert_allclose(adv, np_group_advantages(rewards, g, scale), **EXACT)
+    logp, ent = grpo.token_logprobs_and_entropy(f64(logits), jnp.asarray(tokens), 0.8)
     np_logp, np_ent = np_token_logprobs(logits, tokens, 0.8)
-    np.testing.assert_allclose(logp, np_logp, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(ent, np_ent, rtol=1e-5, atol=1e-5)
-    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    np.testing.assert_allclose(logp, np_logp, **EXACT)
+    np.testing.assert_allclose(ent, np_ent, **EXACT)
     loss, metrics = grpo.grpo_loss(
-        logp, f32(old), f32(ref), adv, jnp.asarray(mask), aggregation=aggregation,
+        logp, f64(old), f64(ref), adv, jnp.asarray(mask), aggregation=aggregation,
         max_len=max_len, entropy_BxT=ent, group_size=g, **kw,
     )  # fmt: skip
     expected = np_grpo_loss(
         np_logp, old, ref, np_group_advantages(rewards, g, scale), mask,
         0.2, 0.28, 0.05, kl_estimator, aggregation, max_len,
     )  # fmt: skip
-    np.testing.assert_allclose(loss, expected, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(metrics["entropy"], np_ent[mask].mean(), rtol=1e-5)
-    np.testing.assert_allclose(metrics["approx_kl_old"], (old - np_logp)[mask].mean(), atol=1e-6)
+    np.testing.assert_allclose(loss, expected, **EXACT)
+    np.testing.assert_allclose(metrics["entropy"], np_ent[mask].mean(), **EXACT)
+    np.testing.assert_allclose(metrics["approx_kl_old"], (old - np_logp)[mask].mean(), **EXACT)
 
 
 # --- Masking, gradients, "current" mode, chunking. -------------------------------------------
@@ -224,6 +249,7 @@ def loss_from_logits(logits, tokens, mask, old, ref, adv, aggregation, chunk_siz
 
 @pytest.mark.parametrize("aggregation", grpo.AGGREGATIONS)
 def test_masked_tokens_contribute_exactly_zero(aggregation):
+    # float32 on purpose: masked entries must not change a single bit of the result.
     logits, tokens, mask, old, ref, adv = random_problem()
     f = jax.jit(jax.value_and_grad(loss_from_logits, has_aux=True), static_argnums=6)
     (loss, metrics), grad = f(logits, tokens, mask, old, ref, adv, aggregation)
@@ -243,6 +269,7 @@ def test_masked_tokens_contribute_exactly_zero(aggregation):
 
 
 def test_gradients_finite_at_extreme_ratios():
+    # float32 on purpose: the overflow the clamps guard against.
     logits, tokens, mask, old, ref, adv = random_problem(1)
     # Rows 0-1: log-probs of order -1e4, so log-ratios and k3 hit their clamps (zero gradient
     # there, as in verl); rows 2-3 stay ordinary and must still get a gradient.
@@ -252,7 +279,7 @@ def test_gradients_finite_at_extreme_ratios():
     assert jnp.all(jnp.isfinite(g)) and jnp.any(g != 0)
 
 
-def test_current_mode_is_the_plain_policy_gradient():
+def test_current_mode_is_the_plain_policy_gradient(x64):
     logits, tokens, mask, _, _, adv = random_problem(2)
     logp = grpo.token_logprobs(logits, tokens)
 
@@ -264,25 +291,25 @@ def test_current_mode_is_the_plain_policy_gradient():
     # ratio == 1: loss = -sum(A) / N and d loss / d logp = -A / N on response tokens.
     n = mask.sum()
     expected = jnp.where(mask, -adv[:, None] / n, 0.0)
-    np.testing.assert_allclose(g, expected, rtol=1e-6)
-    np.testing.assert_allclose(val, jnp.sum(expected), rtol=1e-6)
+    np.testing.assert_allclose(g, expected, **EXACT)
+    np.testing.assert_allclose(val, jnp.sum(expected), **EXACT)
     # "rollout" mode anchored at the same point agrees in value and gradient.
     (val_r, _), g_r = jax.value_and_grad(loss, has_aux=True)(logp, logp)
-    np.testing.assert_allclose(val_r, val, rtol=1e-6)
-    np.testing.assert_allclose(g_r, g, rtol=1e-6)
+    np.testing.assert_allclose(val_r, val, **EXACT)
+    np.testing.assert_allclose(g_r, g, **EXACT)
 
 
 @pytest.mark.parametrize("chunk_size", [3, 4])  # T = 7: overlapping last chunk / two chunks
-def test_chunked_logprobs_match_unchunked(chunk_size):
+def test_chunked_logprobs_match_unchunked(x64, chunk_size):
     logits, tokens, mask, old, ref, adv = random_problem(3)
     f = jax.jit(jax.value_and_grad(loss_from_logits, has_aux=True), static_argnums=(6, 7))
     (loss, m), g = f(logits, tokens, mask, old, ref, adv, "token-mean")
     (loss_c, m_c), g_c = f(logits, tokens, mask, old, ref, adv, "token-mean", chunk_size)
-    np.testing.assert_allclose(loss_c, loss, rtol=1e-6)
-    np.testing.assert_allclose(m_c["entropy"], m["entropy"], rtol=1e-6)
-    np.testing.assert_allclose(g_c, g, rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(loss_c, loss, **EXACT)
+    np.testing.assert_allclose(m_c["entropy"], m["entropy"], **EXACT)
+    np.testing.assert_allclose(g_c, g, **EXACT)
     lp, ent = grpo.token_logprobs_and_entropy(logits, tokens, chunk_size=chunk_size)
-    np.testing.assert_allclose(lp, grpo.token_logprobs(logits, tokens), rtol=1e-6)
+    np.testing.assert_allclose(lp, grpo.token_logprobs(logits, tokens), **EXACT)
 
 
 @pytest.mark.parametrize(
