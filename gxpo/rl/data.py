@@ -5,7 +5,7 @@ Files are JSON Lines at ``<data_dir>/<name>/<split>.jsonl``; ``data_dir`` is, in
 the argument, ``../shared/data`` beside the repository, ``$GXPO_DATA_DIR``, or else the
 Hugging Face hub through ``datasets`` (online machines only).
 
-Key for array names: B = prompts in a batch, P = prompt length in tokens.
+Shapes: the key in ``gxpo.models.config`` (B prompts of a batch, P prompt tokens).
 """
 
 from __future__ import annotations

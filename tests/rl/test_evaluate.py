@@ -80,10 +80,11 @@ def test_summarize():
     answers = [["2", "2", "3", "3", "3"], ["9"] * 5, ["1"] * 5]
     out = summarize(correct, answers, ks=(1, 2, 5))
     assert out["n"] == 5 and out["problems"] == 3
-    assert out["pass@1"] == pytest.approx(7 / 15)  # mean over all 15 samples
-    assert out["pass@2"] == pytest.approx((PASS5[2][1] + 0 + 1) / 3)
-    assert out["pass@5"] == pytest.approx(2 / 3)
-    assert out["maj@n"] == pytest.approx(1 / 3)  # "3" wins the first problem, and is wrong
+    assert out["pass@1"] == pytest.approx(7 / 15, rel=1e-12)  # mean over all 15 samples
+    assert out["pass@2"] == pytest.approx((PASS5[2][1] + 0 + 1) / 3, rel=1e-12)
+    assert out["pass@5"] == pytest.approx(2 / 3, rel=1e-12)
+    # "3" wins the first problem, and is wrong.
+    assert out["maj@n"] == pytest.approx(1 / 3, rel=1e-12)
     assert set(summarize(correct)) == {"n", "problems", "pass@1", "pass@2", "pass@4", "pass@5"}
     with pytest.raises(ValueError, match="answers"):
         summarize(correct, answers[:2])
