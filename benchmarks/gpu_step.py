@@ -17,7 +17,7 @@ log-probs, which change no cost). After one warm-up call each, the median of --r
 is printed as a table, with tokens per second, compile seconds, the device's peak memory
 (`memory_stats()["peak_bytes_in_use"]`, cumulative per process: each model runs in its own
 subprocess and the kinds go from the smallest to the largest), the compiled program's
-temporaries (`memory_analysis()`), and `gxpo.train.mesh.estimate_memory` for the same shape.
+temporaries (`memory_analysis()`), and `gxpo.train.memory.estimate_memory` for the same shape.
 Remat is switched on only where the estimate says the step would not fit otherwise; rows are
 halved while even remat would not fit.
 
@@ -70,6 +70,7 @@ def _run_model(name: str, args: argparse.Namespace) -> list[dict]:
 
     from gxpo.models import get_preset, init_model, split_trainable
     from gxpo.optim import ZScoreGate
+    from gxpo.train import memory as memory_lib
     from gxpo.train import mesh as mesh_lib
     from gxpo.train import step as step_lib
 
@@ -85,9 +86,13 @@ def _run_model(name: str, args: argparse.Namespace) -> list[dict]:
     W = T - P + 1
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
 
+    step_buffers = {"grpo": 4, "sfpo": 8, "gxpo": 12}  # registry: replaced at merge
+
     def estimate(cfg, rows, policy):
-        work = mesh_lib.Workload(rows, T, W, sample_rows=0, sample_len=0, policy_update=policy)
-        return mesh_lib.estimate_memory(cfg, sizes, work)
+        work = memory_lib.Workload(
+            rows, T, W, sample_rows=0, sample_len=0, step_buffers=step_buffers[policy]
+        )
+        return memory_lib.estimate_memory(cfg, sizes, work)
 
     def fits(cfg, rows):
         return limit is None or estimate(cfg, rows, "gxpo").update_peak <= 0.9 * limit

@@ -1,16 +1,30 @@
-"""Llama-3.2-3B-Instruct with GRPO / SFPO / GXPO on MATH level 3-5: the paper's protocol.
+"""Llama-3.2-3B-Instruct with GRPO / SFPO / GXPO on MATH level 3-5: the paper's protocol (128
+prompts x 5 responses, LoRA 128/256, 300 steps, GXPO K = 5; every field in
+`gxpo/train/defaults.py`).
 
-    python launch.py --config=configs/llama3b.py                # 4 x H100 (the paper's setup)
-    python launch.py --config=configs/llama3b.py:h100x1         # one 80 GB GPU
-    python launch.py --config=configs/llama3b.py --config.model.path=/local/Llama-3.2-3B-Instruct
+Command (the presets assume JAX may take 92% of each GPU's memory):
 
-Hardware presets, model.path (hub id `meta-llama/Llama-3.2-3B-Instruct` or a local directory) and memory:
-`gxpo.train.defaults.set_hardware`. Not run to completion here (no such GPUs at hand).
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.92 python launch.py --config=configs/llama3b.py
+    XLA_PYTHON_CLIENT_MEM_FRACTION=.92 python launch.py --config=configs/llama3b.py:h100x1
+
+Hardware: `:h100x4` (the default, the paper's setup) is 4 x H100 80GB on one host, data parallel;
+`:h100x1` is one 80 GB GPU with the same protocol (more micro-batches and sampling chunks). Both
+presets were sized by `gxpo.train.memory`'s estimate to 68 GiB per GPU
+(`gxpo.train.defaults.set_hardware`), not on the hardware itself.
+
+Expected result and run time: not measured. Nothing has run this config to completion (no such GPUs
+at hand), so there is no accuracy or wall-clock figure for it; a run writes avg pass@1 on Math-500,
+AMC23, GSM8K, Minerva Math and OlympiadBench to eval.jsonl in its work directory. The only GPU
+figure for this model is the update step alone on one H100, timed on an earlier version of the code
+(README, Speed: `benchmarks/gpu_step.py`).
+
+model.path: the hub id `meta-llama/Llama-3.2-3B-Instruct` (downloaded on first use) or a local
+Hugging Face checkpoint directory, `--config.model.path=/local/Llama-3.2-3B-Instruct`.
 """
 
 from gxpo.train.defaults import base_config, set_hardware
 
-HARDWARE = {  # sized by gxpo.train.mesh's estimate: 5 rows per GPU per micro-batch
+HARDWARE = {  # sized by gxpo.train.memory's estimate: 5 rows per GPU per micro-batch
     "h100x4": dict(data=4, micro_batches=32, sample_chunks=2),
     "h100x1": dict(data=1, micro_batches=128, sample_chunks=8),
 }

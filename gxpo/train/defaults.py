@@ -152,7 +152,7 @@ def set_hardware(
     KV cache needs it, prompts sampled in sequential chunks. The paper's protocol is kept on
     every hardware: 128 prompts x 5 responses and one optimizer update per step.
 
-    The presets come from `gxpo.train.mesh.estimate_memory` at 4096 tokens per row with a
+    The presets come from `gxpo.train.memory.estimate_memory` at 4096 tokens per row with a
     68 GiB budget per GPU, the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92 (run
     with it). The estimate is printed before compiling. `model.path` is a hub id (downloaded
     on first use when the machine is online) or a local Hugging Face checkpoint directory

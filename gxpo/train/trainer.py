@@ -33,7 +33,9 @@ from gxpo.rl.data import load_examples as load_dataset
 from gxpo.rl.evaluate import benchmark_table, summarize
 from gxpo.rl.rewards import RewardScorer
 from gxpo.rl.sampler import end_token_ids, sample, split_prompts
+from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
+from gxpo.train import rows as rows_lib
 from gxpo.train import step as step_lib
 from gxpo.train.checkpoint import Checkpointer
 from gxpo.train.config import resolve_model_path, validate
@@ -97,6 +99,9 @@ def _schedule(opt: ml_collections.ConfigDict, total_updates: int) -> optax.Sched
     return optax.join_schedules([warm, main], [opt.warmup_steps])
 
 
+_STEP_BUFFERS = {"grpo": 4, "sfpo": 8, "gxpo": 12}  # registry: replaced at merge
+
+
 def _evals_per_update(pu: ml_collections.ConfigDict) -> int:
     """Inner-optimizer updates per policy update while active (schedules count these)."""
     if pu.name == "gxpo":
@@ -124,7 +129,7 @@ class Trainer:
         self.update_rows = (
             c.rollout.prompts_per_step * c.rollout.responses_per_prompt // c.train.mini_batches
         )
-        mesh_lib.check_rows(
+        rows_lib.check_rows(
             self.update_rows,
             self.mesh,
             "config.rollout.prompts_per_step * responses_per_prompt / train.mini_batches",
@@ -146,7 +151,13 @@ class Trainer:
         self.model_config, self.trainable, self.frozen, self.tokenizer = load_model(
             c.model, c.train.seed, self.mesh
         )
-        mesh_lib.check_memory(c, self.model_config, self.mesh, verbose=not c.train.quiet)
+        memory_lib.check_memory(
+            c,
+            self.model_config,
+            self.mesh,
+            step_buffers=_STEP_BUFFERS[c.policy_update.name],  # registry: replaced at merge
+            verbose=not c.train.quiet,
+        )
         self.eos_ids = end_token_ids(self.tokenizer)
         self.pad_id = (
             self.tokenizer.pad_token_id
@@ -212,7 +223,8 @@ class Trainer:
         frozen_sh = mesh_lib.like(shardings, self.frozen)
         opt_sh = mesh_lib.opt_state_shardings(self.tx, self.trainable, trainable_sh, self.mesh)
         self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.trainable)
-        self.batch_sharding = mesh_lib.batch_sharding(self.mesh, self.update_rows)
+        ranks = step_lib.Batch(*(1 if f == "advantages" else 2 for f in step_lib.Batch._fields))
+        self.batch_sharding = mesh_lib.row_shardings(self.mesh, self.update_rows, ranks)
         update = step_lib.make_update_step(
             self.tx,
             loss_fn,
@@ -293,8 +305,8 @@ class Trainer:
             self._sample_fn(
                 weights,
                 self.model_config,
-                mesh_lib.put_rows(self.mesh, tokens),
-                mesh_lib.put_rows(self.mesh, np.asarray(mask, bool)),
+                rows_lib.put_rows(self.mesh, tokens),
+                rows_lib.put_rows(self.mesh, np.asarray(mask, bool)),
                 key if chunks == 1 else jax.random.fold_in(key, chunk),
                 max_new_tokens=max_new_tokens,
                 num_samples=num_samples,
@@ -310,10 +322,10 @@ class Trainer:
         out = outs[0] if chunks == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *outs)
         P = tokens_QxP.shape[1]
         if own_rows:
-            response_BxN, rows = mesh_lib.host_rows(self.mesh, out.tokens[:, P:])
+            response_BxN, rows = rows_lib.host_rows(self.mesh, out.tokens[:, P:])
         else:
-            response_BxN, rows = mesh_lib.to_host(out.tokens[:, P:]), slice(None)
-        lengths_B = mesh_lib.to_host(out.lengths)
+            response_BxN, rows = rows_lib.to_host(out.tokens[:, P:]), slice(None)
+        lengths_B = rows_lib.to_host(out.lengths)
         texts = self.tokenizer.batch_decode(
             [row[:n] for row, n in zip(response_BxN, lengths_B[rows])], skip_special_tokens=True
         )
@@ -337,8 +349,8 @@ class Trainer:
         own_rewards, stats = self.scorer.score_batch(
             texts, refs, kinds, format_reward=c.loss.format_reward
         )
-        rewards = mesh_lib.rows_from_hosts(self.mesh, own_rewards, rows, len(lengths_B))
-        rewards_B = mesh_lib.to_host(rewards)
+        rewards = rows_lib.rows_from_hosts(self.mesh, own_rewards, rows, len(lengths_B))
+        rewards_B = rows_lib.to_host(rewards)
         advantages_B = grpo.group_advantages(rewards, G, scale=c.loss.advantage_scale)
         # Trim the padding every row shares: the update then runs on P + the longest response.
         T = out.tokens.shape[1]
@@ -378,8 +390,8 @@ class Trainer:
             "accuracy": float(np.mean(rewards_B >= 1.0)),
             "response_length_mean": float(np.mean(lengths_B)),
             "response_length_max": int(np.max(lengths_B)),
-            "reward/timeouts": mesh_lib.sum_over_hosts(stats.timeouts),
-            "reward/errors": mesh_lib.sum_over_hosts(stats.errors),
+            "reward/timeouts": rows_lib.sum_over_hosts(stats.timeouts),
+            "reward/errors": rows_lib.sum_over_hosts(stats.errors),
         }
         return batch, metrics
 

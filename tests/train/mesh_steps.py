@@ -3,7 +3,7 @@ test_mesh.py: `XLA_FLAGS=--xla_force_host_platform_device_count=8 python mesh_st
 
 Prints one JSON object: per mesh shape and policy update, the largest difference from the
 single-device step, the params' and optimizer state's shardings, and the compile counts.
-Shape key: B rows, T tokens, P prompt tokens, W = T - P + 1 response window.
+Shapes: the key in `gxpo.models.config` (A + 1 = T - P + 1: the update's logits window).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from gxpo.models.transformer import prefill
 from gxpo.optim import ZScoreGate
 from gxpo.rl.sampler import sample
 from gxpo.train import mesh as mesh_lib
+from gxpo.train import rows as rows_lib
 from gxpo.train import step as step_lib
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 POLICIES = ("grpo", "gxpo")
 B, T, P = 8, 16, 8
-W = T - P + 1
+A = T - P  # response tokens
 STEPS = 2
 
 CONFIG = get_preset(
@@ -51,13 +52,13 @@ def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
     tokens = rng.integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32)
     tokens[:, :P] = np.repeat(tokens[::2, :P], 2, axis=0)  # groups of 2 responses per prompt
     prompt_len = np.repeat(rng.integers(2, P + 1, B // 2), 2)
-    response_len = rng.integers(1, W, B)
+    response_len = rng.integers(1, A + 1, B)
     pos = np.arange(T)
     mask = (pos >= P - prompt_len[:, None]) & (pos < P + response_len[:, None])
     response_mask = (pos[P - 1 :] >= P) & (pos[P - 1 :] < P + response_len[:, None])
     old, ref = step_lib.batch_logprobs(
         trainable, frozen, None, jnp.asarray(tokens), jnp.asarray(mask),
-        model_config=CONFIG, temperature=1.0, window=W, with_old=True, reference="adapters_off",
+        model_config=CONFIG, temperature=1.0, window=A + 1, with_old=True, reference="adapters_off",
         group_size=2,
     )  # fmt: skip
     advantages = rng.normal(size=B).astype(np.float32)
@@ -72,7 +73,7 @@ def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
 def make_tx(name: str):
     loss_fn = functools.partial(
         step_lib.policy_loss, model_config=CONFIG,
-        loss_config=step_lib.LossConfig(kl_coef=1e-2, max_len=W - 1, group_size=2),
+        loss_config=step_lib.LossConfig(kl_coef=1e-2, max_len=A, group_size=2),
     )  # fmt: skip
     inner = step_lib.make_inner_optimizer(1e-2, grad_clip=1.0)
     tx = step_lib.make_policy_update(name, inner, loss_fn, gate=ZScoreGate(30, 30, 2.0))
@@ -121,7 +122,8 @@ def main() -> None:
         shardings = mesh_lib.weight_shardings(CONFIG, mesh)
         trainable_sh = mesh_lib.like(shardings, trainable0)
         frozen_sh = mesh_lib.like(shardings, frozen0)
-        batch_sh = mesh_lib.batch_sharding(mesh, B)
+        ranks = step_lib.Batch(*(1 if f == "advantages" else 2 for f in step_lib.Batch._fields))
+        batch_sh = mesh_lib.row_shardings(mesh, B, ranks)
         out = {}
         for name in POLICIES:
             tx, loss_fn = make_tx(name)
@@ -171,15 +173,15 @@ def main() -> None:
             # The sampler on the mesh reads the same (sharded) arrays, draws the same tokens.
             weights = mesh_lib.place(weights0, shardings)
             sharded = mesh_lib.on_mesh(mesh, sample)(
-                weights, CONFIG, mesh_lib.put_rows(mesh, np.asarray(prompt)),
-                mesh_lib.put_rows(mesh, np.asarray(prompt_mask)), jax.random.key(3),
+                weights, CONFIG, rows_lib.put_rows(mesh, np.asarray(prompt)),
+                rows_lib.put_rows(mesh, np.asarray(prompt_mask)), jax.random.key(3),
                 **sample_kwargs,
             )  # fmt: skip
             out["sample_tokens_equal"] = bool(np.array_equal(sharded.tokens, sampled.tokens))
             out["sample_logp_diff"] = max_diff(sharded.logprobs, sampled.logprobs)
             _, cache = mesh_lib.on_mesh(mesh, prefill)(
-                weights, CONFIG, mesh_lib.put_rows(mesh, np.asarray(batch0.tokens)),
-                mesh_lib.put_rows(mesh, np.asarray(batch0.mask)), T + 4,
+                weights, CONFIG, rows_lib.put_rows(mesh, np.asarray(batch0.tokens)),
+                rows_lib.put_rows(mesh, np.asarray(batch0.mask)), T + 4,
             )  # fmt: skip
             out["kv_cache"] = spec_of(cache.k)
             out["kv_cache_rule"] = spec_of(

@@ -50,7 +50,7 @@ def fake_rewards(trainer):
 
 def main(workdir: str, out: str, mode: str = "--multi") -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from gxpo.train import mesh as mesh_lib  # noqa: PLC0415
+    from gxpo.train import rows as rows_lib  # noqa: PLC0415
     from gxpo.train.trainer import Trainer  # noqa: PLC0415
 
     multihost = mode != "--single"
@@ -60,7 +60,7 @@ def main(workdir: str, out: str, mode: str = "--multi") -> None:
     assert trainer.mesh.devices.size == jax.device_count()
     trainer.run()
     flat = jax.tree_util.tree_flatten_with_path(trainer.trainable)[0]
-    arrays = {jax.tree_util.keystr(path): mesh_lib.to_host(x) for path, x in flat}  # collective
+    arrays = {jax.tree_util.keystr(path): rows_lib.to_host(x) for path, x in flat}  # collective
     if jax.process_index() == 0:
         np.savez(out, **arrays)
     print(f"process {jax.process_index()} done, rows {trainer.update_rows}", flush=True)

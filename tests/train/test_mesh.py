@@ -1,12 +1,10 @@
 """The device mesh: sharded steps equal single-device ones on 8 faked CPU devices, two processes
-train like one, shardings follow the rules table, and the memory estimate is right where it can
-be exact and says what would fit where a config cannot.
+train like one, and shardings follow the rules table.
 
 The multi-device checks run in subprocesses (XLA's device count is fixed per process), so the
 rest of the suite keeps one device.
 """
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -20,9 +18,9 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from gxpo.models import get_preset
 from gxpo.models.transformer import logical_spec
 from gxpo.train import mesh as mesh_lib
+from gxpo.train import rows as rows_lib
 from gxpo.train.logging import read_jsonl
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -190,117 +188,18 @@ def test_logical_spec_uses_each_mesh_axis_once_and_keeps_indivisible_axes_whole(
     assert logical_spec(("batch", None), (6, 3), rules, sizes) == PartitionSpec(None, None)
 
 
+def test_row_shardings_split_rows_at_every_rank():
+    mesh = mesh_lib.make_mesh(_mesh_config())
+    got = mesh_lib.row_shardings(mesh, 8, {"tokens": 2, "advantages": 1})
+    assert got["tokens"].spec == PartitionSpec(("data", "fsdp"), None)
+    assert got["advantages"].spec == PartitionSpec(("data", "fsdp"))
+
+
 def test_rows_must_split_over_the_batch_axes():
     mesh = AbstractMesh((2, 4, 1), mesh_lib.MESH_AXES)
-    mesh_lib.check_rows(16, mesh, "rows")
+    rows_lib.check_rows(16, mesh, "rows")
     with pytest.raises(ValueError, match=r"12 rows do not split evenly .* 8 devices"):
-        mesh_lib.check_rows(12, mesh, "config.rollout.prompts_per_step")
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _gpu_config(**train):
-    from gxpo.train.defaults import base_config  # noqa: PLC0415
-
-    c = base_config()
-    c.model.preset, c.model.path = "llama3.2-3b", ""
-    for k, v in train.items():
-        c.train[k] = v
-    return c
-
-
-def test_param_bytes_per_device_follow_the_shardings():
-    config = get_preset("llama3.2-3b", dtype="bfloat16", param_dtype="bfloat16", lora_rank=128)
-    work = mesh_lib.workload(_gpu_config())
-    one = mesh_lib.estimate_memory(config, {"data": 1, "fsdp": 1, "tensor": 1}, work)
-    four = mesh_lib.estimate_memory(config, {"data": 1, "fsdp": 4, "tensor": 1}, work)
-    infos = mesh_lib.param_infos(config)
-    base = sum(np.prod(p.shape) * 2 for p in infos if not p.lora)
-    assert one.base_params == base == 4 * four.base_params  # every base weight has a D axis
-    lora = {p.path[-2:]: np.prod(p.shape) * 4 for p in infos if p.lora}
-    assert one.trainable_params == sum(lora.values())
-    # Only adapter axes of width D split over fsdp: q/k/v's A [L, D, R] and o's B [L, R, D];
-    # q/k/v's B [L, R, heads, H] and o's A [L, N, H, R] split only over tensor (size 1 here).
-    split = {("q_proj", "lora_a"), ("k_proj", "lora_a"), ("v_proj", "lora_a"), ("o_proj", "lora_b")}
-    assert four.trainable_params == sum(n // 4 if k in split else n for k, n in lora.items())
-    assert four.optimizer_state == 2 * four.trainable_params  # Adam: float32 mu and nu
-    # Data parallelism replicates the params; every axis splits the rows' activations.
-    data = mesh_lib.estimate_memory(config, {"data": 4, "fsdp": 1, "tensor": 1}, work)
-    assert data.base_params == one.base_params and data.activations == four.activations
-
-
-def test_kv_cache_estimate_is_exact():
-    config = get_preset("qwen2.5-1.5b", dtype="bfloat16")
-    work = mesh_lib.Workload(update_rows=8, seq_len=64, logits_len=16, sample_rows=640,
-                             sample_len=4096)  # fmt: skip
-    est = mesh_lib.estimate_memory(config, {"data": 4, "fsdp": 1, "tensor": 1}, work)
-    # L x rows x slots x K x H x (k, v) x bf16, rows split over 4 devices.
-    assert est.kv_cache == 28 * 160 * 4096 * 2 * 128 * 2 * 2
-
-
-def test_a_config_that_cannot_fit_says_what_would():
-    c = _gpu_config()
-    c.mesh.device_memory_gb = 80.0  # CPU reports no memory: use the config's
-    model = get_preset(
-        "llama3.2-3b", dtype="bfloat16", param_dtype="bfloat16", lora_rank=128, lora_alpha=256.0
-    )
-    mesh = mesh_lib.make_mesh(_mesh_config())
-    # The paper's 128 prompts x 5 at once need a larger KV cache than 80 GB (4096 slots, bf16).
-    c.rollout.prompts_per_step = 128
-    c.eval.prompts_per_batch = 8
-    with pytest.raises(ValueError, match="exceeds the 80.0 GiB available") as err:
-        mesh_lib.check_memory(c, model, mesh, verbose=False)
-    message = str(err.value)
-    assert "peak (update)" in message  # the table comes with the error
-    flags = dict(re.findall(r"--config\.([\w.]+)=(\S+)", message))
-    assert flags, message
-    # The suggestion really fits by the same estimate.
-    assert "rollout.sample_chunks" in flags, message
-    c.rollout.sample_chunks = int(flags["rollout.sample_chunks"])
-    c.train.micro_batches = int(flags.get("train.micro_batches", c.train.micro_batches))
-    model = dataclasses.replace(model, remat=flags.get("model.remat") == "True" or model.remat)
-    estimate = mesh_lib.check_memory(c, model, mesh, verbose=False)
-    assert estimate.peak <= 80 * mesh_lib.GIB
-    c.mesh.memory_check = "warn"
-    c.train.micro_batches = 1
-    mesh_lib.check_memory(c, model, mesh, verbose=False)  # warns, does not raise
-
-
-GPU_CONFIGS = {
-    "llama3b": "llama3.2-3b",
-    "qwen2p5_1p5b": "qwen2.5-1.5b",
-    "qwen2p5_3b": "qwen2.5-3b",
-    "qwen2p5_7b": "qwen2.5-7b",
-}
-
-
-@pytest.mark.parametrize("hardware, devices", [("h100x4", 4), ("h100x1", 1)])
-@pytest.mark.parametrize("name", sorted(GPU_CONFIGS))
-def test_gpu_config_presets_fit_their_hardware(name, hardware, devices, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO))
-    module = __import__(f"configs.{name}", fromlist=["get_config"])
-    c = module.get_config(hardware)
-    m = c.model
-    model = get_preset(GPU_CONFIGS[name], dtype=m.dtype, param_dtype=m.param_dtype or m.dtype,
-                       lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, remat=m.remat)  # fmt: skip
-    sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.mesh_shape(c.mesh, devices)))
-    work = mesh_lib.workload(c)
-    # The paper's protocol on every hardware: 128 prompts x 5, one optimizer update per step.
-    assert (c.rollout.prompts_per_step, c.rollout.responses_per_prompt) == (128, 5)
-    assert c.train.mini_batches == 1
-    assert work.update_rows % (sizes["data"] * sizes["fsdp"]) == 0
-    assert mesh_lib.estimate_memory(model, sizes, work).peak <= 68 * mesh_lib.GIB
-
-
-def test_memory_table_is_printed(capsys):
-    c = _gpu_config(mini_batches=32)
-    model = get_preset("llama3.2-3b", dtype="bfloat16", param_dtype="bfloat16", lora_rank=128)
-    estimate = mesh_lib.check_memory(c, model, mesh_lib.make_mesh(_mesh_config()))
-    out = capsys.readouterr().out
-    assert "Memory per device (estimate) on mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out
-    assert "20 rows x 4096 tokens per update" in out
-    assert f"{estimate.peak / mesh_lib.GIB:9.2f} GiB" in out
+        rows_lib.check_rows(12, mesh, "config.rollout.prompts_per_step")
 
 
 # ----------------------------------------------------------------------------- GPU benchmark
