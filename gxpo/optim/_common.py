@@ -1,5 +1,5 @@
-"""Pieces shared by the `gxpo` and `sfpo` combinators: argument checks, the
-gradient oracle, and tree reductions in float32."""
+"""Pieces shared by the `gxpo` and `sfpo` combinators: their common argument checks, the
+gradient oracle, float32 tree reductions, and the gate plumbing."""
 
 from __future__ import annotations
 
@@ -10,27 +10,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gxpo.optim._checks import argument_error, is_real, is_traced
 from gxpo.optim.gate import GateState, ZScoreGate
 
 GradFn = Callable[[optax.Params], optax.Updates]
 
 
-def check_common(name: str, inner: Any, reposition: float, gate: Any) -> None:
+def check_common(
+    owner: str, inner: Any, loss_fn: Any, reposition: Any, gate: Any, has_aux: Any
+) -> None:
+    """The argument checks `gxpo` and `sfpo` share (`owner` is the combinator's name)."""
     if not isinstance(inner, optax.GradientTransformation):
-        raise ValueError(
-            f"{name}: `inner` must be an optax.GradientTransformation (e.g. optax.adamw(1e-6)), "
-            f"got {type(inner).__name__}."
-        )
-    if not 0.0 <= reposition <= 1.0:
-        raise ValueError(f"{name}: `reposition` (alpha) must lie in [0, 1], got {reposition!r}.")
+        rule = "must be an optax.GradientTransformation (e.g. optax.adamw(1e-6))"
+        raise argument_error(owner, "inner", rule, inner)
+    if loss_fn is not None and not callable(loss_fn):
+        raise argument_error(owner, "loss_fn", "must be callable or None", loss_fn)
+    # An injected (traced) alpha cannot be checked here; `init` checked its concrete value.
+    if not is_traced(reposition) and not (is_real(reposition) and 0.0 <= reposition <= 1.0):
+        raise argument_error(owner, "reposition", "must be a number in [0, 1]", reposition)
     if gate is not None and not isinstance(gate, ZScoreGate):
-        raise ValueError(f"{name}: `gate` must be a ZScoreGate or None, got {gate!r}.")
+        raise argument_error(owner, "gate", "must be a ZScoreGate or None", gate)
     if gate is not None:
         gate.validate()
+    if not isinstance(has_aux, bool):
+        raise argument_error(owner, "has_aux", "must be a bool", has_aux)
 
 
 def resolve_grad_fn(
-    name: str,
+    owner: str,
     loss_fn: Callable[..., Any] | None,
     has_aux: bool,
     grad_fn: GradFn | None,
@@ -39,46 +46,49 @@ def resolve_grad_fn(
 ) -> GradFn:
     """The gradient oracle for probe points: `grad_fn` if given, else grad of `loss_fn`."""
     if params is None:
-        raise ValueError(
-            f"{name}.update needs `params`: call tx.update(grads, state, params, ...)."
-        )
+        rule = "must be given to update: tx.update(grads, state, params, ...)"
+        raise argument_error(owner, "params", rule, params)
     if grad_fn is not None:
         return grad_fn
     if loss_fn is None:
-        raise ValueError(
-            f"{name}: no way to evaluate gradients at the probe points. Pass `loss_fn` to "
-            f"{name}(...), or `grad_fn=` (params -> grads) to update()."
+        rule = (
+            f"(params -> grads) must be given to update when {owner}(...) has no `loss_fn` to "
+            "evaluate gradients at the probe points"
         )
+        raise argument_error(owner, "grad_fn", rule, grad_fn)
     grad = jax.grad(loss_fn, has_aux=has_aux)
     if has_aux:
         return lambda p: grad(p, **extra_args)[0]
     return lambda p: grad(p, **extra_args)
 
 
-def tree_sq_norm(tree: Any) -> jax.Array:
-    leaves = jax.tree.leaves(tree)
-    return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves), jnp.float32(0))
+# Diagnostics are float32 whatever the leaves' dtype: bf16 leaves are summed in float32, and the
+# two branches of the gate's `lax.cond` must agree on dtypes (so float64 leaves are cast down).
 
 
-def tree_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(tree_sq_norm(tree))
+def norm_f32(tree: Any) -> jax.Array:
+    """Global L2 norm, accumulated in float32."""
+    return jnp.asarray(optax.tree.norm(optax.tree.cast(tree, jnp.float32)), jnp.float32)
 
 
-def tree_vdot(a: Any, b: Any) -> jax.Array:
-    prods = jax.tree.map(lambda x, y: jnp.sum(x.astype(jnp.float32) * y.astype(jnp.float32)), a, b)
-    return sum(jax.tree.leaves(prods), jnp.float32(0))
+def vdot_f32(a: Any, b: Any) -> jax.Array:
+    """Inner product of two trees, accumulated in float32 (`optax.tree.vdot` returns and adds
+    the leaves' dot products in the leaves' own dtype)."""
+    prods = optax.tree.mul(optax.tree.cast(a, jnp.float32), optax.tree.cast(b, jnp.float32))
+    return jnp.asarray(optax.tree.sum(prods), jnp.float32)
 
 
-def tree_all_finite(tree: Any) -> jax.Array:
+def cosine_f32(a: Any, b: Any) -> jax.Array:
+    return vdot_f32(a, b) / (norm_f32(a) * norm_f32(b) + 1e-30)
+
+
+def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def cosine(a: Any, b: Any) -> jax.Array:
-    return tree_vdot(a, b) / (tree_norm(a) * tree_norm(b) + 1e-30)
-
-
-def tree_select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), on_true, on_false)
+def displacement(theta: Any, theta0: Any) -> Any:
+    """theta - theta0 in theta0's dtypes: the updates a combinator returns."""
+    return jax.tree.map(lambda a, b: (a - b).astype(b.dtype), theta, theta0)
 
 
 def init_gate(gate: ZScoreGate | None) -> GateState | optax.EmptyState:
@@ -93,7 +103,7 @@ def observe_gate(
     if gate is None:
         return state, jnp.zeros((), jnp.float32)
     observed, z = gate.update(state, value)
-    return tree_select(ok, observed, state), jnp.where(ok, z, 0.0)
+    return optax.tree.where(ok, observed, state), jnp.where(ok, z, 0.0)
 
 
 def gated(

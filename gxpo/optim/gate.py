@@ -13,6 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from gxpo.optim._checks import argument_error, is_int, is_real
+
 
 class GateState(NamedTuple):
     """State of a `ZScoreGate`; plain arrays, so it checkpoints and shards."""
@@ -46,12 +48,13 @@ class ZScoreGate(NamedTuple):
     threshold: float = 2.0
 
     def validate(self) -> None:
-        if not (isinstance(self.window, int) and self.window >= 1):
-            raise ValueError(f"ZScoreGate.window must be an int >= 1, got {self.window!r}.")
-        if not (isinstance(self.warmup, int) and self.warmup >= 1):
-            raise ValueError(f"ZScoreGate.warmup must be an int >= 1, got {self.warmup!r}.")
-        if not self.threshold > 0:
-            raise ValueError(f"ZScoreGate.threshold must be > 0, got {self.threshold!r}.")
+        """Raises ValueError("ZScoreGate: `<field>` <rule>, got <value!r>.") on a bad field."""
+        if not (is_int(self.window) and self.window >= 1):
+            raise argument_error("ZScoreGate", "window", "must be an int >= 1", self.window)
+        if not (is_int(self.warmup) and self.warmup >= 1):
+            raise argument_error("ZScoreGate", "warmup", "must be an int >= 1", self.warmup)
+        if not (is_real(self.threshold) and self.threshold > 0):
+            raise argument_error("ZScoreGate", "threshold", "must be a number > 0", self.threshold)
 
     def init(self) -> GateState:
         return GateState(

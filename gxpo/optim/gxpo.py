@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from gxpo.optim import _common
+from gxpo.optim._checks import argument_error, is_int, is_real, is_traced
 from gxpo.optim.gate import GateState, ZScoreGate
 
 _PROBE_STATES = ("keep", "restore")
@@ -35,7 +36,17 @@ class GXPOInfo(NamedTuple):
 class GXPOState(NamedTuple):
     inner_state: optax.OptState  # state of the wrapped optimizer
     gate: GateState | optax.EmptyState  # EmptyState when gate=None
-    info: GXPOInfo  # diagnostics of the latest step
+    info: GXPOInfo  # diagnostics of the latest step; read with optax.tree.get(state, "info")
+
+
+class LeafSums(NamedTuple):
+    """One leaf's float32 sums behind the diagnostics; the step adds them over leaves."""
+
+    active: jax.Array  # coordinates in the active set
+    retention: jax.Array  # sum of r over active coordinates
+    retention_sq: jax.Array  # sum of r^2 over active coordinates
+    scale: jax.Array  # sum of s over all coordinates
+    displacement_sq: jax.Array  # sum of d^2 over all coordinates
 
 
 def _empty_info(initial_norm: jax.Array | float = 0.0) -> GXPOInfo:
@@ -65,13 +76,16 @@ def _geometric_sum(r: jax.Array, n: int) -> jax.Array:
     return s
 
 
-def _check_pair(name: str, value: Any) -> tuple[float | None, float | None]:
+def _check_pair(argument: str, value: Any) -> tuple[float | None, float | None]:
+    rule = "must be a pair (low, high) of numbers or None"
     try:
         lo, hi = value
     except (TypeError, ValueError):
-        raise ValueError(f"gxpo: `{name}` must be a pair (low, high), got {value!r}.") from None
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"gxpo: `{name}` must have low <= high, got {value!r}.")
+        raise argument_error("gxpo", argument, rule, value) from None
+    if not all(x is None or is_real(x) for x in (lo, hi)):
+        raise argument_error("gxpo", argument, rule, value)
+    if lo is not None and hi is not None and not lo <= hi:
+        raise argument_error("gxpo", argument, "must have low <= high", value)
     return lo, hi
 
 
@@ -125,7 +139,14 @@ def gxpo(
     exactly ``inner.update(g_0, S, θ_0)`` and evaluates no probe gradient (the
     branch is a ``jax.lax.cond``). If a probe or corrective gradient is not
     finite, the step falls back to the plain inner step from :math:`g_0` and
-    sets ``state.info.fallback``.
+    sets the ``fallback`` diagnostic.
+
+    Diagnostics: the state holds a ``GXPOInfo`` of the latest step in its field
+    ``info``. Read it with ``optax.tree.get(opt_state, "info")``, which finds it
+    wherever the combinator sits: alone, inside ``optax.chain``,
+    ``optax.inject_hyperparams``, ``optax.with_extra_args_support``, or as the
+    ``opt_state`` of an ``nnx.Optimizer`` (its fields are then ``OptArray``
+    variables); it returns None for a state without it (a plain optimizer).
 
     Symbols and arguments: K = ``virtual_depth``, α = ``reposition``,
     τ = ``active_threshold``, ``inner`` the base optimizer, L = ``loss_fn``.
@@ -149,10 +170,18 @@ def gxpo(
         the corrective step starts from.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    The floats α and τ may be injected: ``optax.inject_hyperparams(gxpo,
+    static_args=("loss_fn", "virtual_depth"))(inner, loss_fn, reposition=...)``.
+
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Its ``update(updates,
       state, params, *, grad_fn=None, **extra_args)`` takes the caller's
-      gradient at ``params`` as ``updates``. ``state.info`` is a ``GXPOInfo``.
+      gradient at ``params`` as ``updates``. Its state is a ``GXPOState``.
+
+    Raises:
+      ValueError: for a bad argument, with the message "gxpo: `<argument>`
+        <rule>, got <value>." (the keyword's exact name), or "ZScoreGate:
+        `<field>` <rule>, got <value>." for a bad field of ``gate``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -164,28 +193,30 @@ def gxpo(
       >>> grads = jax.grad(loss)(params, scale=1.0)
       >>> updates, state = tx.update(grads, state, params, scale=1.0)
       >>> params = optax.apply_updates(params, updates)  # = 0.9**6 * [1, -2]
-      >>> int(state.info.grad_evals)
+      >>> int(optax.tree.get(state, "info").grad_evals)
       3
 
     References:
       Gradient Extrapolation-Based Policy Optimization (GXPO), 2026.
       Wang et al., Slow-Fast Policy Optimization, ICLR 2026.
     """
-    _common.check_common("gxpo", inner, reposition, gate)
-    if isinstance(virtual_depth, bool) or not isinstance(virtual_depth, int) or virtual_depth < 2:
-        raise ValueError(f"gxpo: `virtual_depth` (K) must be an int >= 2, got {virtual_depth!r}.")
+    _common.check_common("gxpo", inner, loss_fn, reposition, gate, has_aux)
+    if not (is_int(virtual_depth) and virtual_depth >= 2):
+        raise argument_error("gxpo", "virtual_depth", "must be an int >= 2", virtual_depth)
     if probe_state not in _PROBE_STATES:
-        raise ValueError(
-            f"gxpo: `probe_state` must be one of {_PROBE_STATES}, got {probe_state!r}."
-        )
-    if not active_threshold >= 0:
-        raise ValueError(f"gxpo: `active_threshold` must be >= 0, got {active_threshold!r}.")
+        rule = f"must be one of {_PROBE_STATES}"
+        raise argument_error("gxpo", "probe_state", rule, probe_state)
+    if not is_traced(active_threshold) and not (
+        is_real(active_threshold) and active_threshold >= 0
+    ):
+        raise argument_error("gxpo", "active_threshold", "must be a number >= 0", active_threshold)
     r_lo, r_hi = _check_pair("ratio_clip", ratio_clip)
     s_lo, s_hi = _check_pair("scale_clip", scale_clip)
     if s_hi is None:
         s_hi = virtual_depth / 2 + 1
-    if s_lo is not None and s_lo > s_hi:
-        raise ValueError(f"gxpo: `scale_clip` low {s_lo} exceeds high {s_hi}.")
+    if s_lo is not None and not s_lo <= s_hi:
+        rule = f"must have low <= virtual_depth / 2 + 1 = {s_hi} (its high when None)"
+        raise argument_error("gxpo", "scale_clip", rule, scale_clip)
     k = virtual_depth
 
     def init_fn(params: optax.Params) -> GXPOState:
@@ -213,14 +244,12 @@ def gxpo(
         theta_tilde = t0f + reposition * (theta_hat - t0f)
         af = active.astype(jnp.float32)
         r32 = r.astype(jnp.float32)
-        sums = jnp.stack(
-            [
-                jnp.sum(af),
-                jnp.sum(af * r32),
-                jnp.sum(af * r32 * r32),
-                jnp.sum(s.astype(jnp.float32)),
-                jnp.sum(jnp.square(d.astype(jnp.float32))),
-            ]
+        sums = LeafSums(
+            active=jnp.sum(af),
+            retention=jnp.sum(af * r32),
+            retention_sq=jnp.sum(af * r32 * r32),
+            scale=jnp.sum(s.astype(jnp.float32)),
+            displacement_sq=jnp.sum(jnp.square(d.astype(jnp.float32))),
         )
         return theta_tilde.astype(t0.dtype), sums
 
@@ -228,7 +257,7 @@ def gxpo(
         grad = _common.resolve_grad_fn("gxpo", loss_fn, has_aux, grad_fn, params, extra_args)
         g0 = updates
         u0, s1 = inner.update(g0, state.inner_state, params)
-        g0_norm = _common.tree_norm(g0)
+        g0_norm = _common.norm_f32(g0)
 
         def extrapolate():
             theta1 = optax.apply_updates(params, u0)
@@ -244,37 +273,37 @@ def gxpo(
                 )
             ]
             theta_tilde = jax.tree.unflatten(treedef, [t for t, _ in per_leaf])
-            n_active, r_sum, r_sq_sum, s_sum, d_sq = sum(sums for _, sums in per_leaf)
-            n_total = float(sum(x.size for x in leaves0))
+            sums = jax.tree.map(lambda *xs: sum(xs), *[leaf_sums for _, leaf_sums in per_leaf])
+            n_total = float(optax.tree.size(params))
 
             g_tilde = grad(theta_tilde)
             s_c = s2 if probe_state == "keep" else state.inner_state
             u2, s3 = inner.update(g_tilde, s_c, theta_tilde)
             theta_new = optax.apply_updates(theta_tilde, u2)
-            new_updates = jax.tree.map(lambda a, b: (a - b).astype(b.dtype), theta_new, params)
+            new_updates = _common.displacement(theta_new, params)
 
-            ok = _common.tree_all_finite((g1, g_tilde, new_updates))
-            g_tilde_norm = _common.tree_norm(g_tilde)
+            ok = _common.all_finite((g1, g_tilde, new_updates))
+            g_tilde_norm = _common.norm_f32(g_tilde)
             new_gate, z = _common.observe_gate(gate, state.gate, g_tilde_norm, ok)
 
-            r_mean = r_sum / jnp.maximum(n_active, 1.0)
-            r_var = r_sq_sum / jnp.maximum(n_active, 1.0) - r_mean**2
+            r_mean = sums.retention / jnp.maximum(sums.active, 1.0)
+            r_var = sums.retention_sq / jnp.maximum(sums.active, 1.0) - r_mean**2
             info = GXPOInfo(
                 active=jnp.ones((), jnp.int32),
                 fallback=(~ok).astype(jnp.int32),
                 grad_evals=jnp.full((), 3, jnp.int32),
                 retention_mean=r_mean,
                 retention_std=jnp.sqrt(jnp.maximum(r_var, 0.0)),
-                scale_mean=s_sum / n_total,
-                inactive_fraction=1.0 - n_active / n_total,
+                scale_mean=sums.scale / n_total,
+                inactive_fraction=1.0 - sums.active / n_total,
                 corrective_norm=g_tilde_norm,
                 initial_norm=g0_norm,
-                cos_corrective_initial=_common.cosine(g_tilde, g0),
-                displacement_norm=jnp.sqrt(d_sq),
+                cos_corrective_initial=_common.cosine_f32(g_tilde, g0),
+                displacement_norm=jnp.sqrt(sums.displacement_sq),
                 gate_z=z,
             )
-            out_updates = _common.tree_select(ok, new_updates, u0)
-            out_inner = _common.tree_select(ok, s3, s1)
+            out_updates = optax.tree.where(ok, new_updates, u0)
+            out_inner = optax.tree.where(ok, s3, s1)
             return out_updates, GXPOState(out_inner, new_gate, info)
 
         def plain():

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from gxpo.optim import _common
+from gxpo.optim._checks import argument_error, is_int
 from gxpo.optim.gate import GateState, ZScoreGate
 
 
@@ -29,7 +30,7 @@ class SFPOInfo(NamedTuple):
 class SFPOState(NamedTuple):
     inner_state: optax.OptState  # state of the wrapped optimizer
     gate: GateState | optax.EmptyState  # EmptyState when gate=None
-    info: SFPOInfo  # diagnostics of the latest step
+    info: SFPOInfo  # diagnostics of the latest step; read with optax.tree.get(state, "info")
 
 
 def _empty_info(initial_norm: jax.Array | float = 0.0) -> SFPOInfo:
@@ -71,6 +72,13 @@ def sfpo(
     ``θ_new - θ_0``. ``gate`` and the non-finite fallback behave as in
     :func:`gxpo.optim.gxpo`, observing :math:`\|\nabla L(\tilde\theta)\|`.
 
+    Diagnostics: the state holds an ``SFPOInfo`` of the latest step in its
+    field ``info``. Read it with ``optax.tree.get(opt_state, "info")``, which
+    finds it wherever the combinator sits: alone, inside ``optax.chain``,
+    ``optax.inject_hyperparams``, ``optax.with_extra_args_support``, or as the
+    ``opt_state`` of an ``nnx.Optimizer`` (its fields are then ``OptArray``
+    variables); it returns None for a state without it (a plain optimizer).
+
     Symbols and arguments: K = ``fast_steps``, α = ``reposition``.
 
     Args:
@@ -82,9 +90,17 @@ def sfpo(
       gate: a ``ZScoreGate`` deciding when to stop the fast loop, or None.
       has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
+    α may be injected: ``optax.inject_hyperparams(sfpo, static_args=("loss_fn",
+    "fast_steps"))(inner, loss_fn, reposition=...)``.
+
     Returns:
-      An ``optax.GradientTransformationExtraArgs``; ``state.info`` is an
-      ``SFPOInfo``.
+      An ``optax.GradientTransformationExtraArgs``, with the caller's gradient
+      at ``params`` as ``update``'s ``updates``. Its state is an ``SFPOState``.
+
+    Raises:
+      ValueError: for a bad argument, with the message "sfpo: `<argument>`
+        <rule>, got <value>." (the keyword's exact name), or "ZScoreGate:
+        `<field>` <rule>, got <value>." for a bad field of ``gate``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -94,16 +110,16 @@ def sfpo(
       >>> params = jnp.array([1.0, -2.0])
       >>> state = tx.init(params)
       >>> updates, state = tx.update(jax.grad(loss)(params), state, params)
-      >>> int(state.info.grad_evals)
+      >>> int(optax.tree.get(state, "info").grad_evals)
       4
 
     References:
       Wang et al., Slow-Fast Policy Optimization: Reposition-Before-Update for
       LLM Reasoning, ICLR 2026.
     """
-    _common.check_common("sfpo", inner, reposition, gate)
-    if isinstance(fast_steps, bool) or not isinstance(fast_steps, int) or fast_steps < 1:
-        raise ValueError(f"sfpo: `fast_steps` (K) must be an int >= 1, got {fast_steps!r}.")
+    _common.check_common("sfpo", inner, loss_fn, reposition, gate, has_aux)
+    if not (is_int(fast_steps) and fast_steps >= 1):
+        raise argument_error("sfpo", "fast_steps", "must be an int >= 1", fast_steps)
 
     def init_fn(params: optax.Params) -> SFPOState:
         return SFPOState(
@@ -116,14 +132,14 @@ def sfpo(
         grad = _common.resolve_grad_fn("sfpo", loss_fn, has_aux, grad_fn, params, extra_args)
         g0 = updates
         u0, s1 = inner.update(g0, state.inner_state, params)
-        g0_norm = _common.tree_norm(g0)
+        g0_norm = _common.norm_f32(g0)
 
         def fast_then_correct():
             def fast_step(_, carry):
                 theta, inner_state, ok = carry
                 g = grad(theta)
                 u, inner_state = inner.update(g, inner_state, theta)
-                return optax.apply_updates(theta, u), inner_state, ok & _common.tree_all_finite(g)
+                return optax.apply_updates(theta, u), inner_state, ok & _common.all_finite(g)
 
             theta_1 = optax.apply_updates(params, u0)
             theta_k, s_k, ok = jax.lax.fori_loop(
@@ -135,10 +151,10 @@ def sfpo(
             g_tilde = grad(theta_tilde)
             u, s_new = inner.update(g_tilde, s_k, theta_tilde)
             theta_new = optax.apply_updates(theta_tilde, u)
-            new_updates = jax.tree.map(lambda a, b: (a - b).astype(b.dtype), theta_new, params)
-            ok = ok & _common.tree_all_finite((g_tilde, new_updates))
+            new_updates = _common.displacement(theta_new, params)
+            ok = ok & _common.all_finite((g_tilde, new_updates))
 
-            g_tilde_norm = _common.tree_norm(g_tilde)
+            g_tilde_norm = _common.norm_f32(g_tilde)
             new_gate, z = _common.observe_gate(gate, state.gate, g_tilde_norm, ok)
             info = SFPOInfo(
                 active=jnp.ones((), jnp.int32),
@@ -146,14 +162,12 @@ def sfpo(
                 grad_evals=jnp.full((), fast_steps + 1, jnp.int32),
                 corrective_norm=g_tilde_norm,
                 initial_norm=g0_norm,
-                cos_corrective_initial=_common.cosine(g_tilde, g0),
-                displacement_norm=_common.tree_norm(
-                    jax.tree.map(lambda a, b: a - b, theta_k, params)
-                ),
+                cos_corrective_initial=_common.cosine_f32(g_tilde, g0),
+                displacement_norm=_common.norm_f32(optax.tree.sub(theta_k, params)),
                 gate_z=z,
             )
-            out_updates = _common.tree_select(ok, new_updates, u0)
-            out_inner = _common.tree_select(ok, s_new, s1)
+            out_updates = optax.tree.where(ok, new_updates, u0)
+            out_inner = optax.tree.where(ok, s_new, s1)
             return out_updates, SFPOState(out_inner, new_gate, info)
 
         def plain():

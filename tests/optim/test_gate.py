@@ -12,12 +12,21 @@ from gxpo.optim import ZScoreGate, gxpo, sfpo
 def test_zscore_matches_numpy_on_the_rolling_window():
     gate = ZScoreGate(window=4, warmup=6, threshold=2.0)
     state = gate.init()
-    values = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.0, 1.08]
+    # The gate's float32 inputs; the reference computes on them in float64.
+    values = np.float32([1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.0, 1.08]).astype(np.float64)
+    eps32 = np.finfo(np.float32).eps
     for i, v in enumerate(values):
-        past = np.array(values[max(0, i - 4) : i])
+        past = values[max(0, i - 4) : i]
         state, z = gate.update(state, jnp.float32(v))
-        want = (v - past.mean()) / (past.std() + 1e-8) if i else 0.0
-        np.testing.assert_allclose(z, want, rtol=1e-4)
+        if i == 0:
+            assert float(z) == 0.0  # an empty buffer scores 0
+        else:
+            want = (v - past.mean()) / (past.std() + 1e-8)
+            # The gate is float32 by design: mu and v - mu carry (n + 1) eps32 max|x| of
+            # rounding over n <= 4 values, and sigma a relative error of that over sigma:
+            sigma = past.std() + 1e-8
+            tol = (len(past) + 2) * eps32 * np.abs(values).max() / sigma * (1 + abs(want))
+            assert abs(float(z) - want) <= tol, (i, float(z), want, tol)
         assert bool(state.on)  # no jump above 2 sigma in this sequence
     assert int(state.count) == len(values)
 
@@ -82,3 +91,34 @@ def test_after_shutoff_update_is_inner_update_bit_for_bit_with_no_loss_evaluatio
             np.testing.assert_array_equal(a, b)
         assert int(state.info.grad_evals) == 1 and int(state.info.active) == 0
         params = optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize(
+    "field, value, rule",
+    [
+        ("window", 0, "must be an int >= 1"),
+        ("window", 2.0, "must be an int >= 1"),
+        ("window", True, "must be an int >= 1"),
+        ("warmup", 0, "must be an int >= 1"),
+        ("warmup", "30", "must be an int >= 1"),
+        ("threshold", 0.0, "must be a number > 0"),
+        ("threshold", -1.0, "must be a number > 0"),
+        ("threshold", float("nan"), "must be a number > 0"),
+        ("threshold", "2", "must be a number > 0"),
+    ],
+)
+def test_bad_fields_raise_with_the_field_name(field, value, rule):
+    gate = ZScoreGate()._replace(**{field: value})
+    want = f"ZScoreGate: `{field}` {rule}, got {value!r}."
+    with pytest.raises(ValueError) as excinfo:
+        gate.validate()
+    assert str(excinfo.value) == want
+    for make in (gxpo, sfpo):  # the combinators check their gate the same way
+        with pytest.raises(ValueError) as excinfo:
+            make(optax.sgd(0.1), lambda p: jnp.sum(p**2), gate=gate)
+        assert str(excinfo.value) == want
+
+
+def test_good_fields_pass():
+    ZScoreGate(window=1, warmup=1, threshold=np.float32(0.5)).validate()
+    ZScoreGate(window=30, warmup=50, threshold=3).validate()

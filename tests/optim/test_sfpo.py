@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from gxpo.optim import sfpo
+from gxpo.optim import ZScoreGate, sfpo
 
 
 def _loss(p, x):
@@ -71,14 +71,31 @@ def test_nonfinite_fast_gradient_falls_back():
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "kwargs, field, rule",
     [
-        (dict(fast_steps=0), "fast_steps"),
-        (dict(fast_steps=True), "fast_steps"),
-        (dict(reposition=2.0), "reposition"),
-        (dict(gate=3), "gate"),
+        (dict(fast_steps=0), "fast_steps", "must be an int >= 1"),
+        (dict(fast_steps=True), "fast_steps", "must be an int >= 1"),
+        (dict(fast_steps=2.0), "fast_steps", "must be an int >= 1"),
+        (dict(reposition=2.0), "reposition", "must be a number in [0, 1]"),
+        (dict(reposition=None), "reposition", "must be a number in [0, 1]"),
+        (dict(gate=3), "gate", "must be a ZScoreGate or None"),
+        (dict(loss_fn="loss"), "loss_fn", "must be callable or None"),
+        (dict(has_aux="yes"), "has_aux", "must be a bool"),
+        (
+            dict(inner=optax.sgd),
+            "inner",
+            "must be an optax.GradientTransformation (e.g. optax.adamw(1e-6))",
+        ),
     ],
 )
-def test_bad_arguments(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        sfpo(optax.sgd(0.1), lambda p: jnp.sum(p**2), **kwargs)
+def test_bad_arguments(kwargs, field, rule):
+    kwargs = dict(dict(inner=optax.sgd(0.1), loss_fn=lambda p: jnp.sum(p**2)), **kwargs)
+    with pytest.raises(ValueError, match=field) as excinfo:
+        sfpo(**kwargs)
+    assert str(excinfo.value) == f"sfpo: `{field}` {rule}, got {kwargs[field]!r}."
+
+
+def test_bad_gate_field_raises_with_the_gate_as_owner():
+    with pytest.raises(ValueError, match="threshold") as excinfo:
+        sfpo(optax.sgd(0.1), lambda p: jnp.sum(p**2), gate=ZScoreGate(threshold=0.0))
+    assert str(excinfo.value) == "ZScoreGate: `threshold` must be a number > 0, got 0.0."
