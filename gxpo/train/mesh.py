@@ -41,13 +41,9 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gxpo.models.transformer import (
-    KV_CACHE_AXES,
-    LOGICAL_AXES,
-    ModelConfig,
-    Transformer,
-    logical_spec,
-)
+from gxpo.models.config import ModelConfig
+from gxpo.models.sharding import KV_CACHE_AXES, LOGICAL_AXES, logical_spec
+from gxpo.models.transformer import Transformer
 from gxpo.train.step import Batch
 
 MESH_AXES = ("data", "fsdp", "tensor")

@@ -21,7 +21,7 @@ import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from gxpo.models import get_preset
-from gxpo.models.transformer import logical_spec
+from gxpo.models.sharding import logical_spec
 from gxpo.train import mesh as mesh_lib
 from gxpo.train.logging import read_jsonl
 
