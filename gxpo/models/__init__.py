@@ -1,4 +1,14 @@
-"""Flax NNX decoder-only language models (Llama 3.x, SmolLM2, Qwen2.x) with LoRA."""
+"""Flax NNX decoder-only language models (Llama 3.x, SmolLM2, Qwen2.x) with LoRA.
+
+- `config`: `ModelConfig` and the package's one shape-letter key.
+- `sharding`: the logical-axis table of parameters and activations, and its resolver.
+- `attention`: the attention kernels (plain, shared-prefix, cached).
+- `transformer`: the `Transformer` parameters, its layer pieces and `forward`.
+- `decode`: the prompt cache (`prefill`), the decoding loop's cache and step (`decode`).
+- `lora`: the trainable/frozen split and folding adapters; `presets`: named configs;
+  `checkpoints` / `gguf`: Hugging Face and GGUF loading, HF / PEFT export;
+  `char_tokenizer`: the character tokenizer of tiny runs.
+"""
 
 from gxpo.models.checkpoints import export_merged, export_peft_adapter, load_pretrained
 from gxpo.models.config import PROJECTIONS, ModelConfig, RopeScaling

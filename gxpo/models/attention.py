@@ -47,8 +47,9 @@ def shared_prefix(
     mask_BxUxU: jax.Array,
 ) -> jax.Array:
     """Each row's queries over its group's shared prefix (all of it precedes them) and over its
-    own tokens (`mask_BxUxU`), in one softmax: y [B, U, K, J, H]. Rows q*G .. q*G + G - 1 share
-    prefix q (Q = 1: one prefix for all rows); the prefix's keys are never repeated per row."""
+    own tokens (`mask_BxUxU`), in one softmax: y [B, U, K, J, H]. Each of the Q prefixes serves
+    G = B / Q consecutive rows (Q = 1: one prefix for all rows); its keys are never repeated per
+    row."""
     Q, X = prefix_mask_QxX.shape
     B, U, K, J, H = q_BxUxKxJxH.shape
     G = B // Q
