@@ -24,16 +24,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from gxpo.models.config import DEFAULT_LORA_TARGETS, DTYPES, PROJECTIONS, ModelConfig
 from gxpo.models.lora import fold_lora, lora_weights
 from gxpo.models.presets import config_from_hf, config_to_hf
-from gxpo.models.transformer import (
-    DEFAULT_LORA_TARGETS,
-    DTYPES,
-    PROJECTIONS,
-    ModelConfig,
-    Transformer,
-    init_lora_a,
-)
+from gxpo.models.transformer import Transformer, init_lora_a
 
 _HF_MODULES = {
     "q_proj": "self_attn.q_proj",

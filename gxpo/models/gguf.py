@@ -6,10 +6,11 @@ checkpoint directory holds, for the Llama (SmolLM2, Llama 3.x) and Qwen2 (Qwen2.
 numpy, the `gguf` package's dequantizers and `tokenizers`; no torch:
 
     config = read_gguf_config(path)                    # a config.json-style dict
-    for name, w_RxC in iter_gguf_tensors(path): ...    # HF names, HF/torch layout
+    for name, w_OxI in iter_gguf_tensors(path): ...    # HF names, HF/torch layout
     tokenizer = gguf_tokenizer(path)                   # with the chat template
 
-Shape letters: R rows (output features), C columns (input features), F rotary frequencies.
+Shapes: the key in `gxpo.models.config`; a matrix is w_OxI as Hugging Face stores it, and the
+per-frequency rotary vectors (H / 2 entries) carry no suffix.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ _SCALAR_FORMATS = {
 _U64 = struct.Struct("<Q")
 _GGUF_VERSIONS = (2, 3)  # v1 counted in 32 bits; llama.cpp has not written it since 2023
 _DEFAULT_ALIGNMENT = 32
-_CHUNK_ELEMENTS = 1 << 17  # per dequantize call: 64K-128K measured fastest on the 2-core CI CPU
+_CHUNK_ELEMENTS = 1 << 17  # per dequantize call: a chunk's temporaries stay in the CPU cache
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 _CONTROL, _USER_DEFINED = 3, 4
@@ -249,7 +250,7 @@ def _generate_tensors(
 
 def _dequantize(data: np.ndarray, info: _TensorInfo, dtype: np.dtype) -> np.ndarray:
     """One tensor, decoded a chunk at a time straight into an array of `dtype`: chunks that fit in
-    the CPU cache run ~1.5x faster than the whole tensor at once and bound the temporaries."""
+    the CPU cache run faster than the whole tensor at once and bound the temporaries."""
     block_size, block_bytes = GGML_QUANT_SIZES[info.qtype]
     out = np.empty(info.nbytes // block_bytes * block_size, dtype)
     step = max(1, _CHUNK_ELEMENTS // block_size) * block_bytes
@@ -260,11 +261,11 @@ def _dequantize(data: np.ndarray, info: _TensorInfo, dtype: np.dtype) -> np.ndar
     return out.reshape(info.shape)
 
 
-def _unpermute_rotary(w_RxC: np.ndarray, n_heads: int) -> np.ndarray:
+def _unpermute_rotary(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k row order: it interleaves each head's rotary pairs (i, i + d/2), which
     Hugging Face keeps in two halves, as adjacent rows (2i, 2i + 1)."""
-    w = w_RxC.reshape(n_heads, -1, 2, *w_RxC.shape[1:]).swapaxes(1, 2)
-    return w.reshape(w_RxC.shape)
+    w = w_OxI.reshape(n_heads, -1, 2, *w_OxI.shape[1:]).swapaxes(1, 2)
+    return w.reshape(w_OxI.shape)
 
 
 def _hf_name(gguf_name: str, path: pathlib.Path) -> str:
@@ -345,8 +346,8 @@ def _config(header: _Header) -> dict[str, Any]:
 def _rope_scaling(header: _Header, rope_theta: float, head_dim: int) -> dict[str, Any] | None:
     if _ROPE_FREQS in header.tensors:
         data = np.memmap(header.path, dtype=np.uint8, mode="r")
-        divisors_F = _dequantize(data, header.tensors[_ROPE_FREQS], np.dtype(np.float32))
-        return _llama3_rope_scaling(divisors_F, rope_theta, head_dim, header.path)
+        divisors = _dequantize(data, header.tensors[_ROPE_FREQS], np.dtype(np.float32))
+        return _llama3_rope_scaling(divisors, rope_theta, head_dim, header.path)
     kind = _arch_field(header, "rope.scaling.type", "none")
     if kind == "none":
         return None
@@ -358,7 +359,7 @@ def _rope_scaling(header: _Header, rope_theta: float, head_dim: int) -> dict[str
 
 
 def _llama3_rope_scaling(
-    divisors_F: np.ndarray, rope_theta: float, head_dim: int, path: pathlib.Path
+    divisors: np.ndarray, rope_theta: float, head_dim: int, path: pathlib.Path
 ) -> dict[str, Any] | None:
     """Hugging Face's llama3 rope_scaling, recovered from the per-frequency divisors that llama.cpp
     stores instead of it (`rope_freqs.weight`).
@@ -368,15 +369,15 @@ def _llama3_rope_scaling(
     line fitted through the in-between frequencies gives original / (high - low) and
     low / (high - low); low_freq_factor = 1, as in every Llama 3.x, fixes the other two.
     """
-    factor = float(divisors_F.max())
+    factor = float(divisors.max())
     if factor == 1.0:
         return None
-    inv_wavelength_F = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * np.pi)
-    s_F = (1 / divisors_F - 1 / factor) / (1 - 1 / factor)
-    between = (s_F > 1e-3) & (s_F < 1 - 1e-3)
+    inv_wavelength = rope_theta ** (-np.arange(0, head_dim, 2) / head_dim) / (2 * np.pi)
+    s = (1 / divisors - 1 / factor) / (1 - 1 / factor)
+    between = (s > 1e-3) & (s < 1 - 1e-3)
     scaling = None
     if between.sum() >= 2:
-        slope, intercept = np.polyfit(inv_wavelength_F[between], s_F[between], 1)
+        slope, intercept = np.polyfit(inv_wavelength[between], s[between], 1)
         scaling = {
             "rope_type": "llama3",
             "factor": float(f"{factor:.6g}"),
@@ -385,7 +386,7 @@ def _llama3_rope_scaling(
             "original_max_position_embeddings": round(-slope / intercept),
         }
     if scaling is None or not np.allclose(
-        _llama3_divisors(scaling, inv_wavelength_F), divisors_F, rtol=1e-4
+        _llama3_divisors(scaling, inv_wavelength), divisors, rtol=1e-4
     ):
         raise ValueError(
             f"{path}: {_ROPE_FREQS} does not follow Llama 3 rope scaling, the only kind of "
@@ -394,11 +395,11 @@ def _llama3_rope_scaling(
     return scaling
 
 
-def _llama3_divisors(scaling: dict[str, Any], inv_wavelength_F: np.ndarray) -> np.ndarray:
+def _llama3_divisors(scaling: dict[str, Any], inv_wavelength: np.ndarray) -> np.ndarray:
     low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    s_F = (scaling["original_max_position_embeddings"] * inv_wavelength_F - low) / (high - low)
-    s_F = np.clip(s_F, 0.0, 1.0)
-    return 1 / ((1 - s_F) / scaling["factor"] + s_F)
+    s = (scaling["original_max_position_embeddings"] * inv_wavelength - low) / (high - low)
+    s = np.clip(s, 0.0, 1.0)
+    return 1 / ((1 - s) / scaling["factor"] + s)
 
 
 def _read_header(path: str | os.PathLike) -> _Header:

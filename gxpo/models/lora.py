@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gxpo.models.transformer import PROJECTIONS, ModelConfig, Transformer
+from gxpo.models.config import PROJECTIONS, ModelConfig
+from gxpo.models.transformer import Transformer
 
 
 def split_trainable(model: Transformer) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:

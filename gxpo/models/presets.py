@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from gxpo.models.transformer import ModelConfig, RopeScaling
+from gxpo.models.config import ModelConfig, RopeScaling
 
 _LLAMA32_ROPE = RopeScaling(
     factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192

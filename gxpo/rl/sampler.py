@@ -28,8 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gxpo.models.config import ModelConfig
+from gxpo.models.decode import decode, prefill, unstack_layers
 from gxpo.models.lora import fold_lora
-from gxpo.models.transformer import ModelConfig, Transformer, decode, prefill, unstack_layers
+from gxpo.models.transformer import Transformer
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 _BLOCK = 256  # vocabulary block of the two-level inverse CDF: sqrt(V) for V ~ 64k

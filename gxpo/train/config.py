@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from gxpo.models.config import DTYPES, PROJECTIONS
 from gxpo.models.presets import PRESETS
-from gxpo.models.transformer import DTYPES, PROJECTIONS
 from gxpo.rl import grpo
 from gxpo.rl.data import DATASETS
 from gxpo.train.step import POLICY_UPDATES

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from gxpo.models.transformer import ModelConfig
+from gxpo.models.config import ModelConfig
 from gxpo.train.mesh import mesh_sizes, param_infos, spec
 
 GIB = 2**30

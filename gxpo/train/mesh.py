@@ -12,8 +12,8 @@ shardings from the jitted functions' in/out shardings and the model's constraint
 
 `RULES` is the one table from logical axis names to mesh axes. The names come from the model
 (`LOGICAL_AXES`, stored on every parameter as `out_sharding` metadata, and the activation axes
-the model pins through `transformer.constrain`); parameter, LoRA, optimizer-state, row and
-KV-cache shardings all derive from it. A dimension its mesh axes do not divide stays whole.
+the model pins through `gxpo.models.sharding.constrain`); parameter, LoRA, optimizer-state,
+row and KV-cache shardings all derive from it. A dimension its mesh axes do not divide stays whole.
 
 Multi-host: `initialize_distributed` starts `jax.distributed` from the environment; then every
 process runs the same program on global arrays. Rows are split over "data" and "fsdp" with each
@@ -39,13 +39,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from gxpo.models.transformer import (
-    KV_CACHE_AXES,
-    LOGICAL_AXES,
-    ModelConfig,
-    Transformer,
-    logical_spec,
-)
+from gxpo.models.config import ModelConfig
+from gxpo.models.sharding import KV_CACHE_AXES, LOGICAL_AXES, logical_spec
+from gxpo.models.transformer import Transformer
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXIS = LOGICAL_AXES["B"]  # the logical name of rows

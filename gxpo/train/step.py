@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gxpo.models.transformer import ModelConfig, forward
+from gxpo.models.config import ModelConfig
+from gxpo.models.transformer import forward
 from gxpo.optim import ZScoreGate, gxpo, sfpo
 from gxpo.rl import grpo
 

@@ -22,9 +22,10 @@ from flax import nnx
 
 from gxpo.models.char_tokenizer import char_tokenizer
 from gxpo.models.checkpoints import load_pretrained
+from gxpo.models.config import ModelConfig
 from gxpo.models.lora import split_trainable
 from gxpo.models.presets import get_preset
-from gxpo.models.transformer import ModelConfig, init_model
+from gxpo.models.transformer import init_model
 from gxpo.optim import ZScoreGate
 from gxpo.rl import grpo
 from gxpo.rl.answers import canonical_answer, extract_answer

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import transformers
 
 VOCAB = 96
+WIDTH = 96  # the longest sum in these models: intermediate_size (and 4 heads x head_dim 24)
+EPS32 = float(np.finfo(np.float32).eps)
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -83,3 +87,18 @@ def hf_logits(model, tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def max_diff_on_real(ours, ref, mask) -> float:
     return float(np.abs(np.asarray(ours, np.float32) - ref)[mask.astype(bool)].max())
+
+
+def f32_atol(magnitude: float, terms: int) -> float:
+    """How far two float32 computations of the same math may drift apart, on results of size
+    `magnitude` that each depend on `terms` rounded additions: random-walk rounding (eps32 *
+    sqrt(terms), relative), times 4 for the largest deviation among many results. The model
+    computes in float32 only (bfloat16 is its other dtype), so its comparisons use this, not
+    float64."""
+    return 4 * EPS32 * math.sqrt(terms) * float(magnitude)
+
+
+def decoder_terms(layers: int, width: int) -> int:
+    """The rounded additions behind one logit: per layer six chained sums of at most `width`
+    terms (q/k/v, scores, weighted values, o_proj, gate/up, down_proj), then the output head."""
+    return (6 * layers + 1) * width

@@ -11,7 +11,18 @@ import peft
 import pytest
 import torch
 import transformers
-from hf_tiny import LLAMA3_ROPE, VOCAB, hf_config, hf_logits, hf_model, padded_batch, save
+from hf_tiny import (
+    LLAMA3_ROPE,
+    VOCAB,
+    WIDTH,
+    decoder_terms,
+    f32_atol,
+    hf_config,
+    hf_logits,
+    hf_model,
+    padded_batch,
+    save,
+)
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -20,9 +31,11 @@ from gxpo.models import (
     PRESETS,
     config_from_hf,
     config_to_hf,
+    decode,
     export_merged,
     export_peft_adapter,
     load_pretrained,
+    prefill,
 )
 from gxpo.models.gguf import smollm2_gguf_path
 
@@ -62,7 +75,9 @@ def test_merged_export_loads_in_transformers(tmp_path, arch, tie, rope_scaling):
         out, attn_implementation="eager", dtype=torch.float32
     ).eval()
     real = mask.astype(bool)
-    assert np.abs(hf_logits(exported, tokens, mask) - ours)[real].max() < 1e-4
+    # Parity with torch in float32: the rounding allowance of a 2-layer decoder (hf_tiny).
+    atol = f32_atol(np.abs(ours[real]).max(), decoder_terms(2, WIDTH))
+    assert np.abs(hf_logits(exported, tokens, mask) - ours)[real].max() < atol
 
     out16 = export_merged(model, tmp_path / "merged16", dtype="bfloat16")
     with safe_open(str(out16 / "model.safetensors"), framework="numpy") as f:
@@ -84,7 +99,10 @@ def test_peft_adapter_loads_onto_the_base(tmp_path):
     peft_model = peft.PeftModel.from_pretrained(base, str(out)).eval()
     tokens, mask = padded_batch((0, 6), 24)
     ours = np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)))
-    assert np.abs(hf_logits(peft_model, tokens, mask) - ours)[mask.astype(bool)].max() < 1e-4
+    real = mask.astype(bool)
+    # Parity with torch in float32: the rounding allowance of a 2-layer decoder (hf_tiny).
+    atol = f32_atol(np.abs(ours[real]).max(), decoder_terms(2, WIDTH))
+    assert np.abs(hf_logits(peft_model, tokens, mask) - ours)[real].max() < atol
 
 
 def test_bfloat16_checkpoint_is_cast_on_load(tmp_path):
@@ -123,12 +141,14 @@ def test_gguf_file_loads_and_answers():
     messages = [{"role": "user", "content": "What is 2+3? Answer with just the number."}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
     prompt = jnp.asarray([ids], jnp.int32)
-    logits, cache = model.prefill(prompt, jnp.ones_like(prompt), prompt.shape[1] + 8)
+    weights, config = model.weights(), model.config
+    logits, cache = prefill(weights, config, prompt, jnp.ones_like(prompt), prompt.shape[1])
+    cache = cache.for_decoding(copies=1, slots=8)
     answer = []
     for _ in range(8):
         token = jnp.argmax(logits, axis=-1)
         answer.append(int(token[0]))
-        logits, cache = model.decode(token, cache)
+        logits, cache = decode(weights, config, token, cache)
     assert "5" in tokenizer.decode(answer)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from hf_tiny import hf_config, hf_model, padded_batch, save
+from hf_tiny import WIDTH, decoder_terms, f32_atol, hf_config, hf_model, padded_batch, save
 
 from gxpo.models import (
     fold_lora,
@@ -75,7 +75,9 @@ def test_adapters_off_equal_the_base_after_a_training_step(checkpoint, batch):
     reference = base(tokens, attention_mask=mask)
     real = np.asarray(mask, bool)
     assert np.abs(np.asarray(on - reference))[real].max() > 1e-3
-    np.testing.assert_allclose(off, reference, atol=1e-5)
+    # The same math compiled apart, in float32: the rounding allowance of a 2-layer decoder.
+    atol = f32_atol(np.abs(np.asarray(reference)).max(), decoder_terms(2, WIDTH))
+    np.testing.assert_allclose(off, reference, rtol=0, atol=atol)
     assert loss_fn(trainable, frozen) < loss_before
 
 
@@ -101,8 +103,9 @@ def test_folded_adapters_compute_the_same_function(checkpoint, batch):
     tokens, mask = batch
     folded = fold_lora(model.weights(), model.config)
     assert all("lora_a" not in p for p in folded["layers"].values() if isinstance(p, dict))
+    unfolded = np.asarray(model(tokens, attention_mask=mask))
+    # Same math in another order, in float32: the rounding allowance of a 2-layer decoder.
+    atol = f32_atol(np.abs(unfolded).max(), decoder_terms(2, WIDTH))
     np.testing.assert_allclose(
-        forward(folded, model.config, tokens, mask, use_lora=False),
-        model(tokens, attention_mask=mask),
-        atol=1e-4,
+        forward(folded, model.config, tokens, mask, use_lora=False), unfolded, rtol=0, atol=atol
     )

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_tiny import decoder_terms, f32_atol
 
 from gxpo.models import load_pretrained
 from gxpo.models.gguf import smollm2_gguf_path
@@ -44,7 +45,9 @@ def test_chat_prompt_logits_equal_transformers(ours, theirs, prompt):
     with torch.inference_mode():
         expected = theirs(torch.from_numpy(prompt.astype(np.int64))).logits.numpy()
     assert logits.shape == expected.shape == (1, prompt.shape[1], 49152)
-    assert np.abs(logits - expected).max() < 1e-3
+    # Parity with torch in float32: the rounding allowance of SmolLM2's 30 layers, ffn_dim 1536.
+    atol = f32_atol(np.abs(expected).max(), decoder_terms(30, 1536))
+    assert np.abs(logits - expected).max() < atol
 
 
 def test_greedy_decoding_equals_transformers_generate(ours, theirs, prompt):

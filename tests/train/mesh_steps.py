@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from gxpo.models import get_preset, init_model, split_trainable
-from gxpo.models.transformer import prefill
+from gxpo.models.decode import prefill
 from gxpo.optim import ZScoreGate
 from gxpo.rl.sampler import sample
 from gxpo.train import mesh as mesh_lib

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from gxpo.models.transformer import logical_spec
+from gxpo.models.sharding import logical_spec
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import rows as rows_lib
 from gxpo.train.logging import read_jsonl
