@@ -8,7 +8,8 @@ import pytest
 
 from gxpo.models import forward, get_preset, init_model
 from gxpo.rl.grpo import token_logprobs
-from gxpo.rl.sampler import _sample_token, bucket_prompts, generate, sample, split_prompts
+from gxpo.rl.sampler import SamplingConfig, bucket_prompts, generate, sample, split_prompts
+from gxpo.rl.sampling import Temperature, TopP
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_a_shared_system_prompt_and_decoding_in_segments_change_nothing(model):
         jnp.asarray(mask),
         jax.random.key(4),
     )
-    segmented = sample(*args, **kw, segments=3)
+    segmented = sample(*args, SamplingConfig(**kw, segments=3))
     np.testing.assert_array_equal(split.tokens, segmented.tokens)
     np.testing.assert_allclose(split.logprobs, segmented.logprobs, atol=1e-5)
     np.testing.assert_array_equal(split.prompt_mask[:, :32], mask.repeat(2, axis=0))
@@ -125,7 +126,12 @@ def test_split_prompts(model):
     assert split_prompts(right(tokens), right(mask), bucket=16) is None  # not left-padded
     prompts = (jnp.ones((2, 16), jnp.int32), jnp.ones((2, 16), bool), jax.random.key(0))
     with pytest.raises(ValueError, match="prompt_split"):
-        sample(model.weights(), model.config, *prompts, max_new_tokens=2, prompt_split=(8, 9))
+        sample(
+            model.weights(),
+            model.config,
+            *prompts,
+            SamplingConfig(max_new_tokens=2, prompt_split=(8, 9)),
+        )
 
 
 def test_greedy_is_argmax_of_the_full_forward(model):
@@ -142,11 +148,11 @@ def test_greedy_is_argmax_of_the_full_forward(model):
 
 def test_draws_follow_the_softmax_and_top_p_truncates():
     logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05, 0.0]))[None].repeat(20000, 0)
-    token, logp = _sample_token(logits, jax.random.key(0), temperature=1.0, top_p=1.0)
+    token, logp = Temperature(1.0)(logits, jax.random.key(0))
     freq = np.bincount(np.asarray(token), minlength=5) / 20000
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05, 0.0], atol=0.012)
     np.testing.assert_allclose(np.exp(logp), np.array([0.5, 0.3, 0.15, 0.05])[token], rtol=1e-5)
-    token, _ = _sample_token(logits, jax.random.key(1), temperature=1.0, top_p=0.7)
+    token, _ = TopP(top_p=0.7, temperature=1.0)(logits, jax.random.key(1))
     freq = np.bincount(np.asarray(token), minlength=5) / 20000
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0, 0], atol=0.012)
 
