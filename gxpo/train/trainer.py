@@ -33,7 +33,7 @@ from gxpo.rl.data import ArithTask, BatchIterator, Example, build_prompt, encode
 from gxpo.rl.data import load_examples as load_dataset
 from gxpo.rl.evaluate import benchmark_table, summarize
 from gxpo.rl.rewards import RewardScorer
-from gxpo.rl.sampler import end_token_ids, sample, split_prompts
+from gxpo.rl.sampler import SamplingConfig, end_token_ids, sample, split_prompts
 from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import rows as rows_lib
@@ -239,6 +239,18 @@ class Trainer:
         self.update = mesh_lib.on_mesh(self.mesh, update)
         self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
         self._logprobs_fn = mesh_lib.on_mesh(self.mesh, step_lib.batch_logprobs)
+        # One sampling config per kind of call; each call adds its prompts' shared prefix.
+        sampling = functools.partial(SamplingConfig, eos_ids=self.eos_ids, pad_id=self.pad_id)
+        self.rollout_sampling = sampling(
+            max_new_tokens=c.rollout.max_new_tokens,
+            num_samples=G,
+            temperature=c.rollout.temperature,
+        )
+        self.eval_sampling = sampling(
+            max_new_tokens=c.eval.max_new_tokens,
+            num_samples=c.eval.n_samples,
+            temperature=c.eval.temperature,
+        )
 
         self.step = 0
         self.counters = Counters()
@@ -291,9 +303,7 @@ class Trainer:
     def weights(self) -> dict:
         return step_lib.merge_weights(self.trainable, self.frozen)
 
-    def _sample(
-        self, examples, key, *, num_samples, max_new_tokens, temperature, own_rows, chunks=1
-    ):
+    def _sample(self, examples, key, sampling: SamplingConfig, *, own_rows, chunks=1):
         """Samples on the mesh, in `chunks` sequential calls of as many prompts each (one
         compilation, a KV cache for one chunk); returns the output, the decoded texts of this
         process's rows (`own_rows`) or of all rows, every row's length, and which rows the
@@ -301,6 +311,7 @@ class Trainer:
         tokens_QxP, mask_QxP = self._encode(examples)  # one prompt length for every chunk
         # A system prompt common to all prompts is prefilled once (valid for every chunk too).
         split = split_prompts(tokens_QxP, mask_QxP, self.config.rollout.prompt_bucket)
+        sampling = dataclasses.replace(sampling, prompt_split=split)
         weights = self.weights
         outs = [
             self._sample_fn(
@@ -309,12 +320,7 @@ class Trainer:
                 rows_lib.put_rows(self.mesh, tokens),
                 rows_lib.put_rows(self.mesh, np.asarray(mask, bool)),
                 key if chunks == 1 else jax.random.fold_in(key, chunk),
-                max_new_tokens=max_new_tokens,
-                num_samples=num_samples,
-                temperature=float(temperature),
-                eos_ids=self.eos_ids,
-                pad_id=int(self.pad_id),
-                prompt_split=split,
+                sampling,
             )
             for chunk, (tokens, mask) in enumerate(
                 zip(np.split(tokens_QxP, chunks), np.split(mask_QxP, chunks))
@@ -336,13 +342,7 @@ class Trainer:
         c = self.config
         G = c.rollout.responses_per_prompt
         out, texts, lengths_B, rows = self._sample(
-            examples,
-            key,
-            num_samples=G,
-            max_new_tokens=c.rollout.max_new_tokens,
-            temperature=c.rollout.temperature,
-            own_rows=True,
-            chunks=c.rollout.sample_chunks,
+            examples, key, self.rollout_sampling, own_rows=True, chunks=c.rollout.sample_chunks
         )
         # Each process scores its own rows; the rewards then form one global array.
         refs = [ex.answer for ex in examples for _ in range(G)][rows]
@@ -451,9 +451,7 @@ class Trainer:
                 _, texts, _, _ = self._sample(
                     padded,
                     jax.random.fold_in(self.eval_key, start),  # same draws every eval
-                    num_samples=e.n_samples,
-                    max_new_tokens=e.max_new_tokens,
-                    temperature=e.temperature,
+                    self.eval_sampling,
                     own_rows=False,  # every process scores every row: one table for all
                 )
                 texts = texts[: len(chunk) * e.n_samples]

@@ -21,7 +21,7 @@ from flax import nnx
 from gxpo.models import get_preset, init_model, split_trainable
 from gxpo.models.decode import prefill
 from gxpo.optim import ZScoreGate
-from gxpo.rl.sampler import sample
+from gxpo.rl.sampler import SamplingConfig, sample
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import rows as rows_lib
 from gxpo.train import step as step_lib
@@ -112,9 +112,9 @@ def main() -> None:
                                     batch0)[2]  # fmt: skip
     prompt = jnp.asarray(np.asarray(batch0.tokens)[:4, :P])
     prompt_mask = jnp.asarray(np.asarray(batch0.mask)[:4, :P])
-    sample_kwargs = dict(max_new_tokens=6, num_samples=2, temperature=1.0)
+    sampling = SamplingConfig(max_new_tokens=6, num_samples=2, temperature=1.0)
     weights0 = step_lib.merge_weights(trainable0, frozen0)
-    sampled = sample(weights0, CONFIG, prompt, prompt_mask, jax.random.key(3), **sample_kwargs)
+    sampled = sample(weights0, CONFIG, prompt, prompt_mask, jax.random.key(3), sampling)
 
     results = {}
     for shape in MESHES:
@@ -174,8 +174,7 @@ def main() -> None:
             weights = mesh_lib.place(weights0, shardings)
             sharded = mesh_lib.on_mesh(mesh, sample)(
                 weights, CONFIG, rows_lib.put_rows(mesh, np.asarray(prompt)),
-                rows_lib.put_rows(mesh, np.asarray(prompt_mask)), jax.random.key(3),
-                **sample_kwargs,
+                rows_lib.put_rows(mesh, np.asarray(prompt_mask)), jax.random.key(3), sampling,
             )  # fmt: skip
             out["sample_tokens_equal"] = bool(np.array_equal(sharded.tokens, sampled.tokens))
             out["sample_logp_diff"] = max_diff(sharded.logprobs, sampled.logprobs)

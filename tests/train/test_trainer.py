@@ -1,6 +1,7 @@
 """End to end on a tiny random model: every policy update runs, counts its backward passes,
 writes its outputs, resumes exactly, and bad configs fail early with a clear message."""
 
+import dataclasses
 import json
 import zlib
 
@@ -74,10 +75,12 @@ def test_three_steps_complete_and_count_backward_passes(name, evals, tmp_path):
 def test_sampling_in_chunks_gives_the_same_rollout(tmp_path):
     trainer = Trainer(_config(), tmp_path)
     examples = next(trainer.train_iter)[:4]
-    kwargs = dict(num_samples=2, max_new_tokens=6, temperature=0.0, own_rows=True)  # greedy
-    whole, texts, lengths, _ = trainer._sample(examples, jax.random.key(0), **kwargs)
+    greedy = dataclasses.replace(
+        trainer.rollout_sampling, num_samples=2, max_new_tokens=6, temperature=0.0
+    )
+    whole, texts, lengths, _ = trainer._sample(examples, jax.random.key(0), greedy, own_rows=True)
     chunked, chunk_texts, chunk_lengths, _ = trainer._sample(
-        examples, jax.random.key(1), chunks=2, **kwargs
+        examples, jax.random.key(1), greedy, own_rows=True, chunks=2
     )
     assert texts == chunk_texts and np.array_equal(lengths, chunk_lengths)
     for a, b in zip(whole, chunked):
