@@ -147,7 +147,7 @@ def serve_ours(args: argparse.Namespace) -> None:
     channel = protocol_channel()
     import jax
 
-    from gxpo.train import step as step_lib
+    from gxpo.train import loss as loss_lib
     from gxpo.train import trainer as trainer_lib
 
     compile_watch, sample_watch, logprob_watch = Stopwatch(), Stopwatch(), Stopwatch()
@@ -161,11 +161,11 @@ def serve_ours(args: argparse.Namespace) -> None:
     # output is read back right after the call, and the trainer blocks on the batch after the
     # log-probs, so blocking inside these wrappers adds no synchronisation.
     sample = sample_watch.wrap(trainer_lib.sample, jax.block_until_ready)
-    logprobs = logprob_watch.wrap(step_lib.batch_logprobs, jax.block_until_ready)
+    logprobs = logprob_watch.wrap(loss_lib.batch_logprobs, jax.block_until_ready)
     with (
         tempfile.TemporaryDirectory(prefix="gxpo-bench-") as tmp,
         patched(trainer_lib, "sample", sample),
-        patched(step_lib, "batch_logprobs", logprobs),
+        patched(loss_lib, "batch_logprobs", logprobs),
     ):
         trainers = {p: trainer_lib.Trainer(job_config(args, p), Path(tmp) / p) for p in POLICIES}
         emit(channel, "READY", {})

@@ -48,7 +48,7 @@ from gxpo.models.transformer import (
     Transformer,
     logical_spec,
 )
-from gxpo.train.step import Batch
+from gxpo.train.loss import Batch
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXIS = LOGICAL_AXES["B"]  # the logical name of rows
