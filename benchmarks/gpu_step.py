@@ -1,7 +1,7 @@
 """Speed and memory of the GRPO and GXPO update steps on one GPU, at the paper's model shapes
 (a script, not a test).
 
-    python benchmarks/gpu_step.py                 # qwen2.5-1.5b, llama3.2-3b: < 4 min on an H100
+    python benchmarks/gpu_step.py                 # qwen2.5-1.5b, llama3.2-3b
     python benchmarks/gpu_step.py --models=qwen2.5-1.5b --rows=8 --seq=2048
     python benchmarks/gpu_step.py --cpu-smoke      # the tiny shape on CPU: the script runs
 

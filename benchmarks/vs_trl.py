@@ -31,10 +31,9 @@ forward; a TRL step by wrapping its `_generate_and_score_completions` (rollout: 
 reward, reference log-probs) and `_generate`. A step of ours that compiled (a new
 response-length bucket) counts without its compile seconds ("steady"), a one-off cost.
 
-TRL's torch runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`): on this shared 2-core
-machine, OpenMP threads that spin at every barrier while another job holds a core made
-`generate` 5-10x slower (16 x 64 tokens: 78-128 s spinning, 18 s passive, 11 s with one
-thread, at a load average of ~7), which would measure the neighbours, not TRL.
+TRL's torch runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`): on a shared machine,
+OpenMP threads that spin at every barrier while another job holds a core made `generate`
+several times slower, which would measure the neighbours, not TRL.
 
 Last line, against the faster TRL side that ran (TRL median wall seconds / ours):
 

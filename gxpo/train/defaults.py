@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.old_logprobs = "rollout"  # "rollout" | "current" (GXPO.md)
     # "rollout" mode: recompute the old log-probs with a forward pass of the trainer (exactly
     # the loss's numbers, ratio 1 before any update), or take the sampler's (one forward pass
-    # fewer; equal to 1e-4 in float32, less close in bfloat16).
+    # fewer; close in float32, less so in bfloat16).
     c.loss.recompute_old_logprobs = True
     c.loss.advantage_scale = "std"  # "std" (GRPO) | "none" (Dr.GRPO)
     c.loss.format_reward = 0.0  # bonus for a response with a \boxed{} answer
