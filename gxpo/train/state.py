@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 
 class TrainState(NamedTuple):
@@ -60,6 +61,8 @@ def advance(
     `seconds` more of wall clock, placed like the step's outputs (`scalar_sharding`)."""
     put = lambda x: jax.device_put(x, scalar_sharding)
     wall = np.float32(state.wall_seconds) + np.float32(seconds)
+    if jax.process_count() > 1:  # a replicated value must agree: process 0's clock
+        wall = np.float32(multihost_utils.broadcast_one_to_all(wall))
     return state._replace(
         step=put(np.int32(step)),
         data={k: put(np.int32(v)) for k, v in data.items()},
