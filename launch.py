@@ -12,7 +12,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gxpo.train.config import validate
+from gxpo.train.builders import check
 from gxpo.train.trainer import Trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -25,12 +25,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
     config = _CONFIG.value
-    validate(config)  # before any loading or compilation
+    check(config)  # before any loading, compiling or deleting
     name = Path(config_flags.get_config_filename(flags.FLAGS["config"])).stem
     workdir = Path(_WORKDIR.value or config.train.workdir or f"runs/{name}")
     if not _RESUME.value and (workdir / "checkpoints").exists():
         shutil.rmtree(workdir / "checkpoints")
-    Trainer(config, workdir).run()
+    Trainer(config, workdir, checked=True).run()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Speed and memory of the GRPO and GXPO update steps on one GPU, at the paper's model shapes
 (a script, not a test).
 
-    python benchmarks/gpu_step.py                 # qwen2.5-1.5b, llama3.2-3b: < 4 min on an H100
+    python benchmarks/gpu_step.py                 # qwen2.5-1.5b, llama3.2-3b
     python benchmarks/gpu_step.py --models=qwen2.5-1.5b --rows=8 --seq=2048
     python benchmarks/gpu_step.py --cpu-smoke      # the tiny shape on CPU: the script runs
 
@@ -11,7 +11,7 @@ alpha 256 on q/k/v/o in float32 (the paper's setup), and one fixed random rollou
 log-probs, which change no cost). After one warm-up call each, the median of --repeats calls of
 
   fwd+bwd    value_and_grad of the GRPO loss alone
-  grpo       the trainer's jitted, donated update step (`gxpo.train.step.make_update_step`)
+  grpo       the trainer's jitted, donated update step (`gxpo.train.builders.update_step`)
   gxpo K=5   the same with GXPO (K = 5, alpha = 0.5, gate on: three gradient evaluations)
 
 is printed as a table, with tokens per second, compile seconds, the device's peak memory
@@ -21,14 +21,15 @@ temporaries (`memory_analysis()`), and `gxpo.train.memory.estimate_memory` for t
 Remat is switched on only where the estimate says the step would not fit otherwise; rows are
 halved while even remat would not fit.
 
-Shape key: B rows, T tokens per row, P prompt tokens, W = T - P + 1 response window.
+The loss, optimizer (AdamW 1e-6 behind a 1.0 clip) and gate are the base config's, built by
+`gxpo.train.builders` as the trainer builds them. Shapes: the key in `gxpo.models.config`; here
+B rows, T tokens per row, P prompt tokens, A = T - P + 1 the response window.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import statistics
@@ -69,10 +70,12 @@ def _run_model(name: str, args: argparse.Namespace) -> list[dict]:
     from flax import nnx
 
     from gxpo.models import get_preset, init_model, split_trainable
-    from gxpo.optim import ZScoreGate
+    from gxpo.train import builders, updates
+    from gxpo.train import loss as loss_lib
     from gxpo.train import memory as memory_lib
     from gxpo.train import mesh as mesh_lib
-    from gxpo.train import step as step_lib
+    from gxpo.train.defaults import base_config
+    from gxpo.train.state import init_state
 
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
@@ -83,14 +86,12 @@ def _run_model(name: str, args: argparse.Namespace) -> list[dict]:
     if name == "tiny":
         config = dataclasses.replace(config, lora_rank=4, lora_alpha=8.0)
     rows, T, P = args.rows, args.seq, args.prompt
-    W = T - P + 1
+    A = T - P + 1
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-
-    step_buffers = {"grpo": 4, "sfpo": 8, "gxpo": 12}  # registry: replaced at merge
 
     def estimate(cfg, rows, policy):
         work = memory_lib.Workload(
-            rows, T, W, sample_rows=0, sample_len=0, step_buffers=step_buffers[policy]
+            rows, T, A, sample_rows=0, sample_len=0, step_buffers=updates.get(policy).step_buffers
         )
         return memory_lib.estimate_memory(cfg, sizes, work)
 
@@ -115,17 +116,25 @@ def _run_model(name: str, args: argparse.Namespace) -> list[dict]:
     tokens = rng.integers(0, config.vocab_size, (rows, T))
     if group:  # G responses to one prompt, as a rollout makes them (the loss runs it once)
         tokens[:, :P] = np.repeat(tokens[::group, :P], group, axis=0)
-    batch = step_lib.Batch(
+    batch = loss_lib.Batch(
         tokens=jnp.asarray(tokens, jnp.int32),
         mask=jnp.ones((rows, T), bool),
-        response_mask=jnp.asarray(np.broadcast_to(positions >= P, (rows, W))),
+        response_mask=jnp.asarray(np.broadcast_to(positions >= P, (rows, A))),
         advantages=jnp.asarray(rng.normal(size=rows), jnp.float32),
-        old_logp=jnp.asarray(rng.normal(-2.0, 0.5, (rows, W)), jnp.float32),
-        ref_logp=jnp.asarray(rng.normal(-2.0, 0.5, (rows, W)), jnp.float32),
+        old_logp=jnp.asarray(rng.normal(-2.0, 0.5, (rows, A)), jnp.float32),
+        ref_logp=jnp.asarray(rng.normal(-2.0, 0.5, (rows, A)), jnp.float32),
     )
-    loss_config = step_lib.LossConfig(max_len=W - 1, group_size=group)
-    loss_fn = functools.partial(step_lib.policy_loss, model_config=config, loss_config=loss_config)
-    inner = step_lib.make_inner_optimizer(1e-6, grad_clip=1.0)
+
+    def run_config(policy):
+        """The base config at this shape (G rows per prompt, or 1 where rows do not group)."""
+        c = base_config()
+        c.rollout.prompts_per_step = rows // (group or 1)
+        c.rollout.responses_per_prompt = group or 1
+        c.rollout.max_new_tokens = A - 1
+        c.policy_update.name = policy
+        return c
+
+    loss_fn = builders.loss_fn(run_config("grpo"), config)
 
     def timed(compiled, call) -> tuple[list[float], dict]:
         out = call(compiled)  # warm-up
@@ -172,20 +181,18 @@ def _run_model(name: str, args: argparse.Namespace) -> list[dict]:
     del compiled
 
     for kind, policy in (("grpo", "grpo"), ("gxpo K=5", "gxpo")):
-        tx = step_lib.make_policy_update(
-            policy, inner, loss_fn, gxpo_kwargs=dict(virtual_depth=5, reposition=0.5),
-            gate=ZScoreGate(window=30, warmup=30, threshold=2.0),
-        )  # fmt: skip
+        c = run_config(policy)  # GXPO at the defaults: K = 5, alpha = 0.5, the gate on
+        tx = builders.policy_update(c)
         own = jax.tree.map(jnp.copy, trainable)  # the step donates its params and state
-        state = jax.jit(tx.init)(own)
-        update = step_lib.make_update_step(tx, loss_fn, info_prefix=policy)
+        state = init_state(own, jax.jit(tx.init)(own), {"position": 0})
+        update = builders.update_step(c, config, tx)
         t0 = time.perf_counter()
-        compiled = update.lower(own, state, frozen, batch).compile()
+        compiled = update.lower(state, frozen, batch).compile()
         compile_s = time.perf_counter() - t0
-        carry = [own, state]
+        carry = [state]
 
         def call(c, carry=carry):
-            carry[0], carry[1], metrics = c(carry[0], carry[1], frozen, batch)
+            carry[0], metrics = c(carry[0], frozen, batch)
             return metrics
 
         seconds, metrics = timed(compiled, call)

@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/update_step.py                    # tiny model, then SmolLM2-135M
     .venv/bin/python benchmarks/update_step.py --models=smollm2 --repeats=7
 
-Times the trainer's own jitted update (`gxpo.train.step.make_update_step`, donated state) of
-each variant below on the same batch, interleaved (A B C ... A B C ...) after warm-up so that
-machine noise hits all alike, and prints per variant the median / min / max seconds, the
+Times the trainer's own jitted update (`gxpo.train.builders.update_step`, donated state) of
+each variant below, built from the base config as the trainer builds it, on the same batch,
+interleaved (A B C ... A B C ...) after warm-up so that machine noise hits all alike, and
+prints per variant the median / min / max seconds, the
 compiled program's memory (`Compiled.memory_analysis()`: temporaries, and arguments + outputs
 - donated aliases) and the process's peak RSS while the variant ran. The last line holds the
 ratios the issue asks for, for the last model:
@@ -14,15 +15,15 @@ ratios the issue asks for, for the last model:
 
 (GXPO at K=5; physical limits 3.0, 0.75 and 1.0: a gradient evaluation is the unit of cost.)
 
-Shape key: Q prompts, G responses per prompt, B = Q * G responses, P prompt tokens, N response
-tokens, T = P + N, W = N + 1 the response window the loss sees (see `gxpo.train.step.Batch`).
+Shapes: the key in `gxpo.models.config`; here Q prompts, G responses per prompt, B = Q * G, P
+prompt tokens, A response tokens, T = P + A; the loss sees a window of A + 1 tokens (the last
+prompt token and the responses, `gxpo.train.loss.Batch`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import resource
 import statistics
@@ -32,18 +33,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
 from gxpo.models import get_preset, init_model, load_pretrained, split_trainable
 from gxpo.models.gguf import smollm2_gguf_path
-from gxpo.optim import ZScoreGate
 from gxpo.rl import grpo
-from gxpo.train import step as step_lib
+from gxpo.train import builders, updates
+from gxpo.train import loss as loss_lib
+from gxpo.train.defaults import base_config
+from gxpo.train.state import init_state
 
 MIB = 2**20
-# The real gate, but one that cannot fire during a benchmark: the active variants stay active.
-NEVER_FIRES = ZScoreGate(window=30, warmup=10**9, threshold=2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +53,8 @@ class Variant:
     """One policy update to time; `grad_evals` is what its metrics must report."""
 
     label: str
-    policy: str  # "grpo" | "sfpo" | "gxpo"
-    depth: int = 0  # SFPO fast_steps / GXPO virtual_depth
+    policy: str  # a registered policy update (gxpo.train.updates)
+    depth: int = 0  # its depth field (SFPO fast_steps, GXPO virtual_depth); 0 = the default
     gate_on: bool = True
     grad_evals: int = 1
 
@@ -140,26 +142,25 @@ def fixed_batch(
     prompt_tokens: int,
     response_tokens: int,
     seed: int,
-) -> step_lib.Batch:
+) -> loss_lib.Batch:
     """A rollout-shaped batch: left-padded prompts, right-padded responses (the longest one
-    fills N), mixed rewards in every group, and old / reference log-probs over the response
-    window (the last prompt token and the N response slots) computed the way the trainer
+    fills A), mixed rewards in every group, and old / reference log-probs over the response
+    window (the last prompt token and the A response slots) computed the way the trainer
     computes them (the reference with adapters off)."""
     rng = np.random.default_rng(seed)
-    B, P, N = prompts * group, prompt_tokens, response_tokens
-    W = N + 1
-    tokens_BxT = rng.integers(0, model_config.vocab_size, (B, P + N), dtype=np.int32)
+    B, P, A = prompts * group, prompt_tokens, response_tokens
+    tokens_BxT = rng.integers(0, model_config.vocab_size, (B, P + A), dtype=np.int32)
     tokens_BxT[:, :P] = np.repeat(tokens_BxT[::group, :P], group, axis=0)  # G rows per prompt
     prompt_len_B = np.repeat(rng.integers(P // 2, P + 1, prompts), group)
-    response_len_B = rng.integers(1, N + 1, B)
-    response_len_B[0] = N
-    pos_T = np.arange(P + N)
+    response_len_B = rng.integers(1, A + 1, B)
+    response_len_B[0] = A
+    pos_T = np.arange(P + A)
     prompt_BxT = (pos_T >= P - prompt_len_B[:, None]) & (pos_T < P)
     response_BxT = (pos_T >= P) & (pos_T < P + response_len_B[:, None])
     rewards_B = (np.arange(B) % 2).astype(np.float32)  # every group holds 0s and 1s
     mask_BxT = jnp.asarray(prompt_BxT | response_BxT)
     tokens_BxT = jnp.asarray(tokens_BxT)
-    old_BxT, ref_BxT = step_lib.batch_logprobs(
+    old_logp, ref_logp = loss_lib.batch_logprobs(
         trainable,
         frozen,
         None,
@@ -167,37 +168,50 @@ def fixed_batch(
         mask_BxT,
         model_config=model_config,
         temperature=1.0,
-        window=W,
+        window=A + 1,
         with_old=True,
         reference="adapters_off",
         group_size=group,
     )
-    return step_lib.Batch(
+    return loss_lib.Batch(
         tokens=tokens_BxT,
         mask=mask_BxT,
         response_mask=jnp.asarray(response_BxT[:, P - 1 :]),
         advantages=grpo.group_advantages(jnp.asarray(rewards_B), group),
-        old_logp=old_BxT,
-        ref_logp=ref_BxT,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
     )
 
 
-def build_step(variant: Variant, loss_fn: Any, trainable: dict, lr: float) -> tuple[Any, dict, Any]:
-    """(jitted update, its own copy of the trainable weights, its optimizer state)."""
-    inner = step_lib.make_inner_optimizer(lr, grad_clip=1.0)
-    tx = step_lib.make_policy_update(
-        variant.policy,
-        inner,
-        loss_fn,
-        gxpo_kwargs=dict(virtual_depth=variant.depth),
-        sfpo_kwargs=dict(fast_steps=variant.depth),
-        gate=NEVER_FIRES,
-    )
+def variant_config(variant: Variant, args: argparse.Namespace) -> ml_collections.ConfigDict:
+    """The base config (the paper's loss, AdamW behind a 1.0 clip, the gate) at the benchmark's
+    batch shape and learning rate, with the variant's policy update."""
+    c = base_config()
+    c.rollout.prompts_per_step, c.rollout.responses_per_prompt = args.prompts, args.group
+    c.rollout.max_new_tokens, c.rollout.temperature = args.response_tokens, 1.0
+    c.optimizer.lr, c.optimizer.grad_clip = args.lr, 1.0
+    c.loss.kl_coef = 1e-3
+    c.policy_update.name = variant.policy
+    if variant.depth:
+        depth_field = updates.get(variant.policy).depth_field
+        c.policy_update[variant.policy][depth_field] = variant.depth
+    # The real gate, but one that cannot fire during a benchmark: the active variants stay active.
+    c.policy_update.gate.warmup = 10**9
+    return c
+
+
+def build_step(
+    variant: Variant, args: argparse.Namespace, model_config: Any, trainable: dict
+) -> tuple[Any, Any]:
+    """(jitted update, its initial train state on its own copy of the trainable weights)."""
+    c = variant_config(variant, args)
+    tx = builders.policy_update(c)
     own = jax.tree.map(jnp.copy, trainable)  # each variant's steps donate their own copy
     opt_state = tx.init(own)
     if not variant.gate_on:
         opt_state = opt_state._replace(gate=opt_state.gate._replace(on=jnp.array(False)))
-    return step_lib.make_update_step(tx, loss_fn, info_prefix=variant.policy), own, opt_state
+    state = init_state(own, opt_state, {"position": 0})
+    return builders.update_step(c, model_config, tx), state
 
 
 def bench_model(name: str, args: argparse.Namespace) -> list[Result]:
@@ -212,18 +226,12 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Result]:
         response_tokens=args.response_tokens,
         seed=args.seed,
     )
-    loss_config = step_lib.LossConfig(
-        temperature=1.0, kl_coef=1e-3, max_len=args.response_tokens, group_size=args.group
-    )
-    loss_fn = functools.partial(
-        step_lib.policy_loss, model_config=model_config, loss_config=loss_config
-    )
     variants = [v for v in VARIANTS if not args.variants or v.label in args.variants]
     compiled, states, results = [], [], []
     for v in variants:
-        update, own, opt_state = build_step(v, loss_fn, trainable, args.lr)
+        update, state = build_step(v, args, model_config, trainable)
         t0 = time.perf_counter()
-        exe = update.lower(own, opt_state, frozen, batch).compile()
+        exe = update.lower(state, frozen, batch).compile()
         compile_s = time.perf_counter() - t0
         mem = exe.memory_analysis()
         temp = int(mem.temp_size_in_bytes) if mem else 0
@@ -233,22 +241,20 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Result]:
             else 0
         )
         compiled.append(exe)
-        states.append((own, opt_state))
+        states.append(state)
         results.append(Result(v, [], [], [], [], compile_s, temp, io, 0))
         print(f"  compiled {v.label:<13} in {compile_s:6.1f} s", flush=True)
 
     with PeakRSS() as rss:
         for rep in range(args.warmup + args.repeats):
             for i, (v, exe) in enumerate(zip(variants, compiled)):
-                own, opt_state = states[i]
                 rss.reset()
                 t0, c0 = time.perf_counter(), time.process_time()
                 u0 = resource.getrusage(resource.RUSAGE_SELF)
-                own, opt_state, metrics = exe(own, opt_state, frozen, batch)
-                jax.block_until_ready((own, opt_state, metrics))
+                states[i], metrics = exe(states[i], frozen, batch)
+                jax.block_until_ready((states[i], metrics))
                 seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
                 u1 = resource.getrusage(resource.RUSAGE_SELF)
-                states[i] = (own, opt_state)
                 evals = int(metrics["grad_evals"])
                 if evals != v.grad_evals:
                     raise RuntimeError(
@@ -315,7 +321,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompts", type=int, default=4, help="Q")
     p.add_argument("--group", type=int, default=4, help="G")
     p.add_argument("--prompt-tokens", type=int, default=48, help="P (the arithmetic prompts')")
-    p.add_argument("--response-tokens", type=int, default=64, help="N")
+    p.add_argument("--response-tokens", type=int, default=64, help="A")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -337,7 +343,7 @@ def main() -> None:
         print(
             f"\n{name}: B={args.prompts * args.group} ({args.prompts}x{args.group}), "
             f"T={args.prompt_tokens + args.response_tokens} "
-            f"(P={args.prompt_tokens}, N={args.response_tokens}); {args.repeats} interleaved "
+            f"(P={args.prompt_tokens}, A={args.response_tokens}); {args.repeats} interleaved "
             f"repeats after {args.warmup} warm-up",
             flush=True,
         )

@@ -31,10 +31,9 @@ forward; a TRL step by wrapping its `_generate_and_score_completions` (rollout: 
 reward, reference log-probs) and `_generate`. A step of ours that compiled (a new
 response-length bucket) counts without its compile seconds ("steady"), a one-off cost.
 
-TRL's torch runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`): on this shared 2-core
-machine, OpenMP threads that spin at every barrier while another job holds a core made
-`generate` 5-10x slower (16 x 64 tokens: 78-128 s spinning, 18 s passive, 11 s with one
-thread, at a load average of ~7), which would measure the neighbours, not TRL.
+TRL's torch runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`): on a shared machine,
+OpenMP threads that spin at every barrier while another job holds a core made `generate`
+several times slower, which would measure the neighbours, not TRL.
 
 Last line, against the faster TRL side that ran (TRL median wall seconds / ours):
 
@@ -147,7 +146,7 @@ def serve_ours(args: argparse.Namespace) -> None:
     channel = protocol_channel()
     import jax
 
-    from gxpo.train import step as step_lib
+    from gxpo.train import loss as loss_lib
     from gxpo.train import trainer as trainer_lib
 
     compile_watch, sample_watch, logprob_watch = Stopwatch(), Stopwatch(), Stopwatch()
@@ -161,11 +160,11 @@ def serve_ours(args: argparse.Namespace) -> None:
     # output is read back right after the call, and the trainer blocks on the batch after the
     # log-probs, so blocking inside these wrappers adds no synchronisation.
     sample = sample_watch.wrap(trainer_lib.sample, jax.block_until_ready)
-    logprobs = logprob_watch.wrap(step_lib.batch_logprobs, jax.block_until_ready)
+    logprobs = logprob_watch.wrap(loss_lib.batch_logprobs, jax.block_until_ready)
     with (
         tempfile.TemporaryDirectory(prefix="gxpo-bench-") as tmp,
         patched(trainer_lib, "sample", sample),
-        patched(step_lib, "batch_logprobs", logprobs),
+        patched(loss_lib, "batch_logprobs", logprobs),
     ):
         trainers = {p: trainer_lib.Trainer(job_config(args, p), Path(tmp) / p) for p in POLICIES}
         emit(channel, "READY", {})

@@ -22,7 +22,6 @@ at the eval temperature); curves are averaged over seeds at each eval step.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,27 +31,34 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from gxpo.tables import format_table
+from gxpo.train import updates
 from gxpo.train.logging import read_jsonl
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=False)
 _OUT = flags.DEFINE_string("out", None, "Results directory.", required=True)
-_METHODS = flags.DEFINE_list("methods", ["grpo", "sfpo3", "gxpo3", "gxpo5"], "grpo | sfpoK | gxpoK")
+_METHODS = flags.DEFINE_list(
+    "methods", ["grpo", "sfpo3", "gxpo3", "gxpo5"], "policy updates: <name> or <name><K>"
+)
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (LoRA init, data order, sampling).")
 _ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False, "Only rebuild tables and plots.")
 
-_METHOD_RE = re.compile(r"(grpo)|(sfpo|gxpo)(\d+)")
-
 
 def method_overrides(method: str) -> dict[str, object]:
-    """Config overrides of a method name: grpo, sfpo<K>, gxpo<K>."""
-    m = _METHOD_RE.fullmatch(method)
-    if not m:
-        raise ValueError(f"--methods: {method!r} is not grpo, sfpo<K> or gxpo<K> (e.g. gxpo5)")
-    if m.group(1):
-        return {"policy_update.name": "grpo"}
-    name, k = m.group(2), int(m.group(3))
-    field = "virtual_depth" if name == "gxpo" else "fast_steps"
-    return {"policy_update.name": name, f"policy_update.{name}.{field}": k}
+    """Config overrides of a method name: a registered policy update `<name>`, or `<name><K>`
+    for one with a depth field (K = its value: gxpo5 is GXPO at virtual_depth 5)."""
+    for name in sorted(updates.names(), key=len, reverse=True):  # the longest name that fits
+        entry, depth = updates.get(name), method[len(name) :]
+        if not method.startswith(name) or bool(depth) != bool(entry.depth_field):
+            continue
+        if not depth:
+            return {"policy_update.name": name}
+        if depth.isdigit():
+            return {
+                "policy_update.name": name,
+                f"policy_update.{name}.{entry.depth_field}": int(depth),
+            }
+    forms = ", ".join(f"{n}<K>" if updates.get(n).depth_field else n for n in updates.names())
+    raise ValueError(f"--methods: {method!r} is not one of {forms} (e.g. gxpo5)")
 
 
 def _set(config, dotted: str, value) -> None:
@@ -72,11 +78,11 @@ def method_config(config, method: str, seed: int):
 
 
 def run_all(config, out: Path, methods: Sequence[str], seeds: Sequence[int]) -> None:
-    from gxpo.train.config import validate  # heavy imports only when training
+    from gxpo.train.builders import check  # heavy imports only when training
     from gxpo.train.trainer import Trainer
 
     for method in methods:  # every run's config is checked before the first one trains
-        validate(method_config(config, method, seeds[0]))
+        check(method_config(config, method, seeds[0]))
     for seed in seeds:  # seed-major: an interrupted comparison has every method at some seeds
         for method in methods:
             workdir = out / "runs" / f"{method}_s{seed}"
@@ -86,7 +92,7 @@ def run_all(config, out: Path, methods: Sequence[str], seeds: Sequence[int]) -> 
                 print(f"{workdir.name}: complete, skipped", flush=True)
                 continue
             print(f"\n=== {workdir.name} ===", flush=True)
-            Trainer(c, workdir).run()
+            Trainer(c, workdir, checked=True).run()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,1 +1,12 @@
-"""RL pieces: sampling, GRPO loss, rewards, data, evaluation. Imports nothing from gxpo.train."""
+"""RL pieces of one training step, each a module with one job; nothing here imports gxpo.train.
+
+- `sampler`: jitted KV-cache sampling from the params being trained (`sample`, `generate`): a
+  named loop state over `gxpo.models.decode`, one frozen `SamplingConfig` as its static argument.
+- `sampling`: the token-draw rules (greedy, temperature, top-p, the two-level inverse CDF).
+- `answers`: pure answer extraction, normalisation and matching (what verifier workers import).
+- `rewards`: `RewardScorer`, the verifier worker pool with hard per-answer timeouts.
+- `grpo`: group advantages, the GRPO clipped loss, KL estimators and verl's aggregations.
+- `data`: datasets, prompts and the generated arithmetic task; `evaluate`: pass@k, maj@n.
+
+Shapes: the key in `gxpo.models.config`.
+"""

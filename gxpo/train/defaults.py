@@ -2,12 +2,15 @@
 
 Defaults follow the paper's protocol (DESIGN.md, "Configs"): bf16, lr 1e-6 constant, grad clip
 1.0, PPO clip 0.2, KL 1e-3 with k3, token-mean, 128 prompts x 5 responses, LoRA 128/256 on the
-attention projections, 300 steps, GXPO K = 5 / alpha = 0.5, SFPO K = 3 / alpha = 0.8.
+attention projections, 300 steps; the policy updates' own settings (GXPO K = 5 / alpha = 0.5,
+SFPO K = 3 / alpha = 0.8) are their registry entries' defaults (`gxpo.train.updates`).
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from gxpo.train import updates
 
 MATH_EVAL = ("math500", "amc23", "gsm8k", "minerva_math", "olympiadbench")
 
@@ -47,7 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict()
     c.rollout.prompts_per_step = 128  # Q
     c.rollout.responses_per_prompt = 5  # G
-    c.rollout.max_new_tokens = 3072  # N
+    c.rollout.max_new_tokens = 3072  # A
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0  # must stay 1.0 in training
     c.rollout.prompt_bucket = 64  # prompts are left-padded to a multiple of this
@@ -69,24 +72,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.old_logprobs = "rollout"  # "rollout" | "current" (GXPO.md)
     # "rollout" mode: recompute the old log-probs with a forward pass of the trainer (exactly
     # the loss's numbers, ratio 1 before any update), or take the sampler's (one forward pass
-    # fewer; equal to 1e-4 in float32, less close in bfloat16).
+    # fewer; close in float32, less so in bfloat16).
     c.loss.recompute_old_logprobs = True
     c.loss.advantage_scale = "std"  # "std" (GRPO) | "none" (Dr.GRPO)
     c.loss.format_reward = 0.0  # bonus for a response with a \boxed{} answer
 
     c.policy_update = ml_collections.ConfigDict()
-    c.policy_update.name = "gxpo"  # "grpo" | "sfpo" | "gxpo"
-    c.policy_update.gxpo = ml_collections.ConfigDict()
-    c.policy_update.gxpo.virtual_depth = 5  # K
-    c.policy_update.gxpo.reposition = 0.5  # alpha
-    c.policy_update.gxpo.active_threshold = 1e-3
-    c.policy_update.gxpo.ratio_clip = (-2.0, 3.0)
-    c.policy_update.gxpo.scale_clip = (1.0, None)  # None = K/2 + 1
-    c.policy_update.gxpo.probe_state = "keep"  # "keep" (paper) | "restore"
-    c.policy_update.sfpo = ml_collections.ConfigDict()
-    c.policy_update.sfpo.fast_steps = 3  # K
-    c.policy_update.sfpo.reposition = 0.8  # alpha
-    c.policy_update.gate = ml_collections.ConfigDict()  # shared by gxpo and sfpo
+    c.policy_update.name = "gxpo"  # a registered policy update (gxpo.train.updates.names())
+    for name in updates.names():  # each one's settings: config.policy_update.<name>.<field>
+        if updates.get(name).defaults:
+            c.policy_update[name] = ml_collections.ConfigDict(dict(updates.get(name).defaults))
+    c.policy_update.gate = ml_collections.ConfigDict()  # shared by the policy updates that gate
     c.policy_update.gate.enabled = True
     c.policy_update.gate.window = 30
     c.policy_update.gate.warmup = 30

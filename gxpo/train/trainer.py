@@ -1,7 +1,7 @@
-"""The training loop: rollout -> reward -> advantages -> update(s) -> log / eval / checkpoint.
+"""The training loop: sample -> score -> batch -> update(s) -> log / eval / checkpoint.
 
-Shape key: Q prompts per step, G responses per prompt, B = Q * G, P prompt tokens (bucketed),
-N max new tokens, T = P + N.
+Shapes: the key in `gxpo.models.config`; here Q prompts per step, G responses per prompt,
+B = Q * G, P prompt tokens (bucketed), A max new tokens, T = P + A.
 """
 
 from __future__ import annotations
@@ -11,119 +11,57 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from flax import nnx
 
-from gxpo.models.char_tokenizer import char_tokenizer
-from gxpo.models.checkpoints import load_pretrained
-from gxpo.models.config import ModelConfig
-from gxpo.models.lora import split_trainable
-from gxpo.models.presets import get_preset
-from gxpo.models.transformer import init_model
-from gxpo.optim import ZScoreGate
 from gxpo.rl import grpo
 from gxpo.rl.answers import canonical_answer, extract_answer
 from gxpo.rl.data import ArithTask, BatchIterator, Example, build_prompt, encode_prompts
 from gxpo.rl.data import load_examples as load_dataset
 from gxpo.rl.evaluate import benchmark_table, summarize
 from gxpo.rl.rewards import RewardScorer
-from gxpo.rl.sampler import SamplingConfig, end_token_ids, sample, split_prompts
+from gxpo.rl.sampler import SampleOutput, SamplingConfig, end_token_ids, sample, split_prompts
+from gxpo.train import builders
+from gxpo.train import loss as loss_lib
 from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import rows as rows_lib
-from gxpo.train import step as step_lib
 from gxpo.train.checkpoint import Checkpointer
-from gxpo.train.config import resolve_model_path, validate
+from gxpo.train.config import validate
 from gxpo.train.logging import ProgressBar, RunLogger
+from gxpo.train.state import TrainState, advance, init_state, state_shardings
 
 
-def load_model(
-    m: ml_collections.ConfigDict, seed: int, mesh: jax.sharding.Mesh
-) -> tuple[ModelConfig, dict, dict, Any]:
-    """(model config, trainable weights, frozen weights, tokenizer) for the config's `model`
-    group, placed on `mesh`. A random init runs as one jit with out_shardings, so no device
-    ever holds more than its shards."""
-    options = dict(
-        dtype=m.dtype,
-        param_dtype=m.param_dtype or m.dtype,
-        lora_rank=m.lora_rank,
-        lora_alpha=m.lora_alpha,
-        lora_targets=tuple(m.lora_targets),
-        remat=m.remat,
-    )
-    if m.path == "":
-        config = get_preset(m.preset, **options)
+class Samples(NamedTuple):
+    """What `Trainer._sample` drew: the sampler's output (every row), the decoded texts of the
+    rows `rows` (this process's, or all), and every row's response length."""
 
-        def init():
-            _, trainable, frozen = split_trainable(init_model(config, seed=seed))
-            return _pure(trainable), _pure(frozen)
-
-        shardings = mesh_lib.weight_shardings(config, mesh)
-        trainable, frozen = mesh_lib.init_sharded(init, shardings)
-        return config, trainable, frozen, char_tokenizer()  # random models have no tokenizer
-    model, tokenizer = load_pretrained(resolve_model_path(m.path), seed=seed, **options)
-    if tokenizer is None:
-        raise ValueError(
-            f"config.model.path={m.path!r} has no tokenizer files (tokenizer.json, ...); "
-            "training needs the checkpoint's tokenizer"
-        )
-    shardings = mesh_lib.weight_shardings(model.config, mesh)
-    _, trainable, frozen = split_trainable(model)
-    trainable, frozen = _pure(trainable), _pure(frozen)
-    placed = mesh_lib.place(
-        (trainable, frozen), (mesh_lib.like(shardings, trainable), mesh_lib.like(shardings, frozen))
-    )
-    return model.config, *placed, tokenizer
-
-
-def _pure(state: nnx.State) -> dict:
-    return nnx.to_pure_dict(state)
-
-
-def _schedule(opt: ml_collections.ConfigDict, total_updates: int) -> optax.Schedule | float:
-    if opt.schedule == "constant" and not opt.warmup_steps:
-        return opt.lr
-    decay = max(total_updates - opt.warmup_steps, 1)
-    if opt.schedule == "constant":
-        main = optax.constant_schedule(opt.lr)
-    elif opt.schedule == "cosine":
-        main = optax.cosine_decay_schedule(opt.lr, decay)
-    else:
-        main = optax.linear_schedule(opt.lr, 0.0, decay)
-    warm = optax.linear_schedule(0.0, opt.lr, opt.warmup_steps)
-    return optax.join_schedules([warm, main], [opt.warmup_steps])
-
-
-_STEP_BUFFERS = {"grpo": 4, "sfpo": 8, "gxpo": 12}  # registry: replaced at merge
-
-
-def _evals_per_update(pu: ml_collections.ConfigDict) -> int:
-    """Inner-optimizer updates per policy update while active (schedules count these)."""
-    if pu.name == "gxpo":
-        return 3 if pu.gxpo.probe_state == "keep" else 1
-    return pu.sfpo.fast_steps + 1 if pu.name == "sfpo" else 1
-
-
-@dataclasses.dataclass
-class Counters:
-    """Cumulative run totals, checkpointed with the params."""
-
-    backward_passes: int = 0
-    wall_seconds: float = 0.0
+    out: SampleOutput
+    texts: list[str]
+    lengths_B: np.ndarray
+    rows: slice
 
 
 class Trainer:
-    """Builds everything a run needs from a validated config; `run()` trains."""
+    """Builds everything a run needs from a config; `run()` trains.
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-        validate(config)
+    The config is checked first (`validate`, then the policy update's own argument checks as
+    it is built), before any data or model loads; `checked=True` skips `validate` for a caller
+    that ran `builders.check` on it already (`gxpo.experiments.compare` checks every method's
+    config before the first one trains).
+    """
+
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str | Path, *, checked: bool = False
+    ):
+        if not checked:
+            validate(config)
         mesh_lib.initialize_distributed(config.mesh)  # before any other JAX call
+        self.tx = builders.policy_update(config)  # its combinator checks its arguments
         self.config = c = config
         self.mesh = mesh_lib.make_mesh(c.mesh)
         self.is_main = jax.process_index() == 0  # only process 0 writes files and prints
@@ -141,22 +79,20 @@ class Trainer:
         self.rollout_key, self.eval_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
         # Data first: a missing file fails before a model load.
-        self.train_source = self._source(c.data.train, c.data.train_split)
+        source = self._source(c.data.train, c.data.train_split)
+        self.train_iter = BatchIterator(source, c.rollout.prompts_per_step, seed=c.train.seed)
         self.eval_sets = {name: self._eval_examples(name) for name in c.data.eval}
-        self.train_iter = BatchIterator(
-            self.train_source, c.rollout.prompts_per_step, seed=c.train.seed
-        )
         self.scorer = RewardScorer()
         self.scorer.start()  # verifier workers warm up while the model loads and compiles
 
-        self.model_config, self.trainable, self.frozen, self.tokenizer = load_model(
+        self.model_config, trainable, self.frozen, self.tokenizer = builders.model(
             c.model, c.train.seed, self.mesh
         )
         memory_lib.check_memory(
             c,
             self.model_config,
             self.mesh,
-            step_buffers=_STEP_BUFFERS[c.policy_update.name],  # registry: replaced at merge
+            step_buffers=builders.step_buffers(c),
             verbose=not c.train.quiet,
         )
         self.eos_ids = end_token_ids(self.tokenizer)
@@ -171,79 +107,13 @@ class Trainer:
                 self.reference = "adapters_off"
             else:  # full fine-tuning: the initial weights, copied (the trainable ones get donated)
                 self.reference = "weights"
-                self.reference_weights = jax.tree.map(jnp.copy, self.trainable)
-
-        G = c.rollout.responses_per_prompt
-        self.loss_config = step_lib.LossConfig(
-            temperature=c.rollout.temperature,
-            clip_eps_low=c.loss.clip_eps_low,
-            clip_eps_high=c.loss.clip_eps_high,
-            kl_coef=c.loss.kl_coef,
-            kl_estimator=c.loss.kl_estimator,
-            aggregation=c.loss.aggregation,
-            max_len=c.rollout.max_new_tokens,
-            old_logprobs=c.loss.old_logprobs,
-            group_size=G,
-        )
-        loss_fn = functools.partial(
-            step_lib.policy_loss, model_config=self.model_config, loss_config=self.loss_config
-        )
-        pu = c.policy_update
-        total_updates = c.train.steps * c.train.mini_batches * _evals_per_update(pu)
-        inner = step_lib.make_inner_optimizer(
-            _schedule(c.optimizer, total_updates),
-            weight_decay=c.optimizer.weight_decay,
-            b1=c.optimizer.b1,
-            b2=c.optimizer.b2,
-            eps=c.optimizer.eps,
-            grad_clip=c.optimizer.grad_clip,
-        )
-        gate = (
-            ZScoreGate(pu.gate.window, pu.gate.warmup, float(pu.gate.threshold))
-            if pu.gate.enabled
-            else None
-        )
-        g = pu.gxpo
-        self.tx = step_lib.make_policy_update(
-            pu.name,
-            inner,
-            loss_fn,
-            gxpo_kwargs=dict(
-                virtual_depth=g.virtual_depth,
-                reposition=g.reposition,
-                active_threshold=g.active_threshold,
-                ratio_clip=tuple(g.ratio_clip),
-                scale_clip=tuple(g.scale_clip),
-                probe_state=g.probe_state,
-            ),
-            sfpo_kwargs=dict(fast_steps=pu.sfpo.fast_steps, reposition=pu.sfpo.reposition),
-            gate=gate,
-        )
-        shardings = mesh_lib.weight_shardings(self.model_config, self.mesh)
-        trainable_sh = mesh_lib.like(shardings, self.trainable)
-        frozen_sh = mesh_lib.like(shardings, self.frozen)
-        opt_sh = mesh_lib.opt_state_shardings(self.tx, self.trainable, trainable_sh, self.mesh)
-        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(self.trainable)
-        ranks = step_lib.Batch(*(1 if f == "advantages" else 2 for f in step_lib.Batch._fields))
-        self.batch_sharding = mesh_lib.row_shardings(self.mesh, self.update_rows, ranks)
-        update = step_lib.make_update_step(
-            self.tx,
-            loss_fn,
-            info_prefix=pu.name,
-            micro_batches=c.train.micro_batches,
-            group_size=G,
-            aggregation=c.loss.aggregation,
-            in_shardings=(trainable_sh, opt_sh, frozen_sh, self.batch_sharding),
-            out_shardings=(trainable_sh, opt_sh, mesh_lib.replicated(self.mesh)),
-        )
-        self.update = mesh_lib.on_mesh(self.mesh, update)
-        self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
-        self._logprobs_fn = mesh_lib.on_mesh(self.mesh, step_lib.batch_logprobs)
+                self.reference_weights = jax.tree.map(jnp.copy, trainable)
+        self._build_step(trainable)
         # One sampling config per kind of call; each call adds its prompts' shared prefix.
         sampling = functools.partial(SamplingConfig, eos_ids=self.eos_ids, pad_id=self.pad_id)
         self.rollout_sampling = sampling(
             max_new_tokens=c.rollout.max_new_tokens,
-            num_samples=G,
+            num_samples=c.rollout.responses_per_prompt,
             temperature=c.rollout.temperature,
         )
         self.eval_sampling = sampling(
@@ -251,14 +121,41 @@ class Trainer:
             num_samples=c.eval.n_samples,
             temperature=c.eval.temperature,
         )
+        self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
+        self._logprobs_fn = mesh_lib.on_mesh(self.mesh, loss_lib.batch_logprobs)
 
-        self.step = 0
-        self.counters = Counters()
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=c.train.keep_checkpoints)
         self._maybe_resume()
         if self.is_main:
             (self.workdir / "config.json").write_text(c.to_json(indent=2))
         self.logger = RunLogger(self.workdir, start_step=self.step + 1)
+
+    def _build_step(self, trainable: dict) -> None:
+        """The initial train state and the jitted update step, both on the mesh."""
+        shardings = mesh_lib.weight_shardings(self.model_config, self.mesh)
+        trainable_sh = mesh_lib.like(shardings, trainable)
+        frozen_sh = mesh_lib.like(shardings, self.frozen)
+        opt_sh = mesh_lib.opt_state_shardings(self.tx, trainable, trainable_sh, self.mesh)
+        self.scalar_sharding = mesh_lib.replicated(self.mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(trainable)
+        self.state = init_state(trainable, opt_state, self.train_iter.state(), self.scalar_sharding)
+        state_sh = state_shardings(self.state, trainable_sh, opt_sh, self.scalar_sharding)
+        self.batch_sharding = mesh_lib.row_shardings(
+            self.mesh, self.update_rows, loss_lib.BATCH_RANKS
+        )
+        update = builders.update_step(
+            self.config,
+            self.model_config,
+            self.tx,
+            in_shardings=(state_sh, frozen_sh, self.batch_sharding),
+            out_shardings=(state_sh, self.scalar_sharding),
+        )
+        self.update = mesh_lib.on_mesh(self.mesh, update)
+
+    @property
+    def step(self) -> int:
+        """Training steps done."""
+        return int(self.state.step)
 
     # ------------------------------------------------------------------ data
 
@@ -301,13 +198,14 @@ class Trainer:
 
     @property
     def weights(self) -> dict:
-        return step_lib.merge_weights(self.trainable, self.frozen)
+        return loss_lib.merge_weights(self.state.trainable, self.frozen)
 
-    def _sample(self, examples, key, sampling: SamplingConfig, *, own_rows, chunks=1):
+    def _sample(
+        self, examples, key, sampling: SamplingConfig, *, own_rows: bool, chunks: int = 1
+    ) -> Samples:
         """Samples on the mesh, in `chunks` sequential calls of as many prompts each (one
-        compilation, a KV cache for one chunk); returns the output, the decoded texts of this
-        process's rows (`own_rows`) or of all rows, every row's length, and which rows the
-        texts are."""
+        compilation, a KV cache for one chunk); decodes the texts of this process's rows
+        (`own_rows`) or of all rows."""
         tokens_QxP, mask_QxP = self._encode(examples)  # one prompt length for every chunk
         # A system prompt common to all prompts is prefilled once (valid for every chunk too).
         split = split_prompts(tokens_QxP, mask_QxP, self.config.rollout.prompt_bucket)
@@ -329,43 +227,72 @@ class Trainer:
         out = outs[0] if chunks == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *outs)
         P = tokens_QxP.shape[1]
         if own_rows:
-            response_BxN, rows = rows_lib.host_rows(self.mesh, out.tokens[:, P:])
+            response_BxA, rows = rows_lib.host_rows(self.mesh, out.tokens[:, P:])
         else:
-            response_BxN, rows = rows_lib.to_host(out.tokens[:, P:]), slice(None)
+            response_BxA, rows = rows_lib.to_host(out.tokens[:, P:]), slice(None)
         lengths_B = rows_lib.to_host(out.lengths)
         texts = self.tokenizer.batch_decode(
-            [row[:n] for row, n in zip(response_BxN, lengths_B[rows])], skip_special_tokens=True
+            [row[:n] for row, n in zip(response_BxA, lengths_B[rows])], skip_special_tokens=True
         )
-        return out, texts, lengths_B, rows
+        return Samples(out, texts, lengths_B, rows)
 
-    def rollout(self, examples: list[Example], key: jax.Array) -> tuple[step_lib.Batch, dict]:
-        c = self.config
-        G = c.rollout.responses_per_prompt
-        out, texts, lengths_B, rows = self._sample(
-            examples, key, self.rollout_sampling, own_rows=True, chunks=c.rollout.sample_chunks
+    def rollout(self, examples: list[Example], key: jax.Array) -> tuple[loss_lib.Batch, dict]:
+        """One step's update batch and its metrics: sample -> score -> batch."""
+        samples = self._sample(
+            examples,
+            key,
+            self.rollout_sampling,
+            own_rows=True,
+            chunks=self.config.rollout.sample_chunks,
         )
-        # Each process scores its own rows; the rewards then form one global array.
-        refs = [ex.answer for ex in examples for _ in range(G)][rows]
-        kinds = [ex.kind for ex in examples for _ in range(G)][rows]
+        rewards, reward_metrics = self.score(examples, samples)
+        lengths_B = samples.lengths_B
+        return self.make_batch(samples, rewards), {
+            **reward_metrics,
+            "response_length_mean": float(np.mean(lengths_B)),
+            "response_length_max": int(np.max(lengths_B)),
+        }
+
+    def score(self, examples: list[Example], samples: Samples) -> tuple[jax.Array, dict]:
+        """Every row's reward as one global array (each process scores its own rows), and
+        their metrics."""
+        G, c = self.config.rollout.responses_per_prompt, self.config
+        refs = [ex.answer for ex in examples for _ in range(G)][samples.rows]
+        kinds = [ex.kind for ex in examples for _ in range(G)][samples.rows]
         own_rewards, stats = self.scorer.score_batch(
-            texts, refs, kinds, format_reward=c.loss.format_reward
+            samples.texts, refs, kinds, format_reward=c.loss.format_reward
         )
-        rewards = rows_lib.rows_from_hosts(self.mesh, own_rewards, rows, len(lengths_B))
+        rewards = rows_lib.rows_from_hosts(
+            self.mesh, own_rewards, samples.rows, len(samples.lengths_B)
+        )
         rewards_B = rows_lib.to_host(rewards)
-        advantages_B = grpo.group_advantages(rewards, G, scale=c.loss.advantage_scale)
+        return rewards, {
+            "reward_mean": float(np.mean(rewards_B)),
+            "accuracy": float(np.mean(rewards_B >= 1.0)),
+            "reward/timeouts": rows_lib.sum_over_hosts(stats.timeouts),
+            "reward/errors": rows_lib.sum_over_hosts(stats.errors),
+        }
+
+    def make_batch(self, samples: Samples, rewards_B: jax.Array) -> loss_lib.Batch:
+        """The update's batch: group advantages of the rewards, the rows trimmed to the longest
+        response, and the old / reference log-probs of the response window."""
+        c, out = self.config, samples.out
+        G = c.rollout.responses_per_prompt
+        advantages_B = grpo.group_advantages(rewards_B, G, scale=c.loss.advantage_scale)
         # Trim the padding every row shares: the update then runs on P + the longest response.
         T = out.tokens.shape[1]
         P = T - c.rollout.max_new_tokens
         if c.rollout.length_bucket:
-            longest = -(-int(lengths_B.max()) // c.rollout.length_bucket) * c.rollout.length_bucket
+            bucket = c.rollout.length_bucket
+            longest = -(-int(samples.lengths_B.max()) // bucket) * bucket
             T = min(T, P + longest)
         tokens_BxT, mask_BxT = out.tokens[:, :T], out.attention_mask[:, :T]
         window = slice(P - 1, T)  # the last prompt token and the response slots
         recompute = c.loss.old_logprobs == "rollout" and c.loss.recompute_old_logprobs
-        old_BxT, ref_BxT = None, None
+        old_BxA, ref_BxA = None, None
         if recompute or self.reference != "none":
-            old_BxT, ref_BxT = self._logprobs_fn(
-                self.trainable,
+            old_BxA, ref_BxA = self._logprobs_fn(
+                self.state.trainable,
                 self.frozen,
                 self.reference_weights,
                 tokens_BxT,
@@ -377,28 +304,19 @@ class Trainer:
                 reference=self.reference,
                 group_size=G,
             )
-        old_logp = out.logprobs[:, window] if old_BxT is None else old_BxT
-        batch = step_lib.Batch(
+        old_logp = out.logprobs[:, window] if old_BxA is None else old_BxA
+        return loss_lib.Batch(
             tokens=tokens_BxT,
             mask=mask_BxT,
             response_mask=out.response_mask[:, window],
             advantages=advantages_B,
             old_logp=old_logp,
-            ref_logp=jnp.zeros_like(old_logp) if ref_BxT is None else ref_BxT,
+            ref_logp=jnp.zeros_like(old_logp) if ref_BxA is None else ref_BxA,
         )
-        metrics = {
-            "reward_mean": float(np.mean(rewards_B)),
-            "accuracy": float(np.mean(rewards_B >= 1.0)),
-            "response_length_mean": float(np.mean(lengths_B)),
-            "response_length_max": int(np.max(lengths_B)),
-            "reward/timeouts": rows_lib.sum_over_hosts(stats.timeouts),
-            "reward/errors": rows_lib.sum_over_hosts(stats.errors),
-        }
-        return batch, metrics
 
     # ------------------------------------------------------------------ update
 
-    def _mini_batches(self, batch: step_lib.Batch) -> list[step_lib.Batch]:
+    def _mini_batches(self, batch: loss_lib.Batch) -> list[loss_lib.Batch]:
         M = self.config.train.mini_batches
         if M == 1:
             return [batch]
@@ -412,25 +330,24 @@ class Trainer:
         batch, metrics = self.rollout(examples, jax.random.fold_in(self.rollout_key, self.step))
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
-        per_update = []
+        state, per_update = self.state, []
         for mini in self._mini_batches(batch):
-            mini = jax.device_put(mini, self.batch_sharding)
-            self.trainable, self.opt_state, m = self.update(
-                self.trainable, self.opt_state, self.frozen, mini
-            )
+            state, m = self.update(state, self.frozen, jax.device_put(mini, self.batch_sharding))
             per_update.append(m)
         per_update = jax.device_get(per_update)
         t2 = time.perf_counter()
-
-        self.step += 1
-        evals = int(sum(m["grad_evals"] for m in per_update))
-        self.counters.backward_passes += evals
-        self.counters.wall_seconds += t2 - t0
+        self.state = advance(
+            state,
+            step=int(state.step) + 1,
+            data=self.train_iter.state(),
+            seconds=t2 - t0,
+            scalar_sharding=self.scalar_sharding,
+        )
         for key in per_update[0]:
             metrics[key] = float(np.mean([m[key] for m in per_update]))
         metrics.update(
-            backward_passes=self.counters.backward_passes,
-            wall_seconds=self.counters.wall_seconds,
+            backward_passes=int(self.state.backward_passes),
+            wall_seconds=float(self.state.wall_seconds),
             rollout_seconds=t1 - t0,
             update_seconds=t2 - t1,
         )
@@ -448,13 +365,12 @@ class Trainer:
             for start in range(0, len(examples), Q):
                 chunk = examples[start : start + Q]
                 padded = chunk + [chunk[-1]] * (Q - len(chunk))  # one shape, one compile
-                _, texts, _, _ = self._sample(
+                texts = self._sample(
                     padded,
                     jax.random.fold_in(self.eval_key, start),  # same draws every eval
                     self.eval_sampling,
                     own_rows=False,  # every process scores every row: one table for all
-                )
-                texts = texts[: len(chunk) * e.n_samples]
+                ).texts[: len(chunk) * e.n_samples]
                 refs = [ex.answer for ex in chunk for _ in range(e.n_samples)]
                 kinds = [ex.kind for ex in chunk for _ in range(e.n_samples)]
                 scores, _ = self.scorer.score_batch(texts, refs, kinds)
@@ -470,8 +386,8 @@ class Trainer:
                 name,
                 dict(
                     summary,
-                    backward_passes=self.counters.backward_passes,
-                    wall_seconds=self.counters.wall_seconds,
+                    backward_passes=int(self.state.backward_passes),
+                    wall_seconds=float(self.state.wall_seconds),
                 ),
             )
         if self.is_main and not self.config.train.quiet:
@@ -480,29 +396,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _state(self) -> dict[str, Any]:
-        return {
-            "trainable": self.trainable,
-            "opt_state": self.opt_state,
-            "step": self.step,
-            "data": self.train_iter.state(),
-            "counters": dataclasses.asdict(self.counters),
-        }
-
     def save(self) -> None:
         self.checkpointer.save(
-            self.step, self._state(), metadata={"config": json.loads(self.config.to_json())}
+            self.step, self.state, metadata={"config": json.loads(self.config.to_json())}
         )
 
     def _maybe_resume(self) -> None:
         latest = self.checkpointer.latest_step()
         if latest is None:
             return
-        state = self.checkpointer.restore(latest, target=self._state())
-        self.trainable, self.opt_state = state["trainable"], state["opt_state"]
-        self.step = int(state["step"])
-        self.train_iter.restore(state["data"])
-        self.counters = Counters(**{k: v for k, v in state["counters"].items()})
+        self.state = TrainState(*self.checkpointer.restore(latest, target=self.state))
+        self.train_iter.restore(self.state.data)
         if self.is_main and not self.config.train.quiet:
             print(f"Resumed from {self.workdir} at step {self.step}.", flush=True)
 

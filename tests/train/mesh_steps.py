@@ -20,11 +20,14 @@ from flax import nnx
 
 from gxpo.models import get_preset, init_model, split_trainable
 from gxpo.models.decode import prefill
-from gxpo.optim import ZScoreGate
 from gxpo.rl.sampler import SamplingConfig, sample
+from gxpo.train import builders
+from gxpo.train import loss as loss_lib
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import rows as rows_lib
 from gxpo.train import step as step_lib
+from gxpo.train.defaults import base_config
+from gxpo.train.state import init_state, state_shardings
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 POLICIES = ("grpo", "gxpo")
@@ -47,7 +50,7 @@ def initial_weights() -> tuple[dict, dict]:
     return trainable, frozen
 
 
-def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
+def make_batch(trainable: dict, frozen: dict) -> loss_lib.Batch:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, CONFIG.vocab_size, (B, T)).astype(np.int32)
     tokens[:, :P] = np.repeat(tokens[::2, :P], 2, axis=0)  # groups of 2 responses per prompt
@@ -56,7 +59,7 @@ def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
     pos = np.arange(T)
     mask = (pos >= P - prompt_len[:, None]) & (pos < P + response_len[:, None])
     response_mask = (pos[P - 1 :] >= P) & (pos[P - 1 :] < P + response_len[:, None])
-    old, ref = step_lib.batch_logprobs(
+    old, ref = loss_lib.batch_logprobs(
         trainable, frozen, None, jnp.asarray(tokens), jnp.asarray(mask),
         model_config=CONFIG, temperature=1.0, window=A + 1, with_old=True, reference="adapters_off",
         group_size=2,
@@ -64,7 +67,7 @@ def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
     advantages = rng.normal(size=B).astype(np.float32)
     # Perturb the old log-probs so the ratio clip binds somewhere.
     old = old + jnp.asarray(rng.normal(scale=0.3, size=old.shape), jnp.float32)
-    return step_lib.Batch(
+    return loss_lib.Batch(
         jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(response_mask),
         jnp.asarray(advantages), old, ref,
     )  # fmt: skip
@@ -72,20 +75,20 @@ def make_batch(trainable: dict, frozen: dict) -> step_lib.Batch:
 
 def make_tx(name: str):
     loss_fn = functools.partial(
-        step_lib.policy_loss, model_config=CONFIG,
-        loss_config=step_lib.LossConfig(kl_coef=1e-2, max_len=A, group_size=2),
+        loss_lib.policy_loss, model_config=CONFIG,
+        loss_config=loss_lib.LossConfig(kl_coef=1e-2, max_len=A, group_size=2),
     )  # fmt: skip
-    inner = step_lib.make_inner_optimizer(1e-2, grad_clip=1.0)
-    tx = step_lib.make_policy_update(name, inner, loss_fn, gate=ZScoreGate(30, 30, 2.0))
-    return tx, loss_fn
+    c = base_config()  # adamw(1e-2) behind a 1.0 clip, the gate at (30, 30, 2.0)
+    c.policy_update.name, c.optimizer.lr = name, 1e-2
+    return builders.policy_update(c), loss_fn
 
 
-def run_steps(update, trainable, opt_state, frozen, batch):
+def run_steps(update, state, frozen, batch):
     history = []
     for _ in range(STEPS):
-        trainable, opt_state, metrics = update(trainable, opt_state, frozen, batch)
-        history.append((jax.device_get(trainable), jax.device_get(metrics)))
-    return trainable, opt_state, history
+        state, metrics = update(state, frozen, batch)
+        history.append((jax.device_get(state.trainable), jax.device_get(metrics)))
+    return state.trainable, state.opt_state, history
 
 
 def max_diff(a, b) -> float:
@@ -107,13 +110,13 @@ def main() -> None:
     for name in POLICIES:
         tx, loss_fn = make_tx(name)
         update = step_lib.make_update_step(tx, loss_fn)
-        state = tx.init(trainable0)
-        reference[name] = run_steps(update, jax.tree.map(jnp.copy, trainable0), state, frozen0,
-                                    batch0)[2]  # fmt: skip
+        own = jax.tree.map(jnp.copy, trainable0)
+        state = init_state(own, tx.init(own), {"position": 0})
+        reference[name] = run_steps(update, state, frozen0, batch0)[2]
     prompt = jnp.asarray(np.asarray(batch0.tokens)[:4, :P])
     prompt_mask = jnp.asarray(np.asarray(batch0.mask)[:4, :P])
     sampling = SamplingConfig(max_new_tokens=6, num_samples=2, temperature=1.0)
-    weights0 = step_lib.merge_weights(trainable0, frozen0)
+    weights0 = loss_lib.merge_weights(trainable0, frozen0)
     sampled = sample(weights0, CONFIG, prompt, prompt_mask, jax.random.key(3), sampling)
 
     results = {}
@@ -122,8 +125,7 @@ def main() -> None:
         shardings = mesh_lib.weight_shardings(CONFIG, mesh)
         trainable_sh = mesh_lib.like(shardings, trainable0)
         frozen_sh = mesh_lib.like(shardings, frozen0)
-        ranks = step_lib.Batch(*(1 if f == "advantages" else 2 for f in step_lib.Batch._fields))
-        batch_sh = mesh_lib.row_shardings(mesh, B, ranks)
+        batch_sh = mesh_lib.row_shardings(mesh, B, loss_lib.BATCH_RANKS)
         out = {}
         for name in POLICIES:
             tx, loss_fn = make_tx(name)
@@ -132,13 +134,16 @@ def main() -> None:
             trainable = mesh_lib.place(jax.tree.map(jnp.copy, trainable0), trainable_sh)
             frozen = mesh_lib.place(frozen0, frozen_sh)
             opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+            rep = mesh_lib.replicated(mesh)
+            state = init_state(trainable, opt_state, {"position": 0}, rep)
+            state_sh = state_shardings(state, trainable_sh, opt_sh, rep)
             update = mesh_lib.on_mesh(mesh, step_lib.make_update_step(
                 tx, loss_fn,
-                in_shardings=(trainable_sh, opt_sh, frozen_sh, batch_sh),
-                out_shardings=(trainable_sh, opt_sh, mesh_lib.replicated(mesh)),
+                in_shardings=(state_sh, frozen_sh, batch_sh),
+                out_shardings=(state_sh, rep),
             ))  # fmt: skip
             batch = jax.device_put(batch0, batch_sh)
-            trainable, opt_state, history = run_steps(update, trainable, opt_state, frozen, batch)
+            trainable, opt_state, history = run_steps(update, state, frozen, batch)
             ref = reference[name]
             adam = opt_state.inner_state if name == "gxpo" else opt_state
             mu = adam[1][0].mu  # chain(clip, adamw): adamw = (scale_by_adam, ...)

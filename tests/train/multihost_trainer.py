@@ -59,7 +59,7 @@ def main(workdir: str, out: str, mode: str = "--multi") -> None:
         assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
     assert trainer.mesh.devices.size == jax.device_count()
     trainer.run()
-    flat = jax.tree_util.tree_flatten_with_path(trainer.trainable)[0]
+    flat = jax.tree_util.tree_flatten_with_path(trainer.state.trainable)[0]
     arrays = {jax.tree_util.keystr(path): rows_lib.to_host(x) for path, x in flat}  # collective
     if jax.process_index() == 0:
         np.savez(out, **arrays)

@@ -12,10 +12,9 @@ import pytest
 from gxpo.models import get_preset
 from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
+from gxpo.train import updates
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# Param-sized buffers of one update per policy update.
-STEP_BUFFERS = {"grpo": 4, "sfpo": 8, "gxpo": 12}  # registry: replaced at merge
 
 
 def _mesh_config(**sizes) -> ml_collections.ConfigDict:
@@ -23,7 +22,7 @@ def _mesh_config(**sizes) -> ml_collections.ConfigDict:
 
 
 def _step_buffers(c: ml_collections.ConfigDict) -> int:
-    return STEP_BUFFERS[c.policy_update.name]  # registry: replaced at merge
+    return updates.get(c.policy_update.name).step_buffers
 
 
 def _gpu_config(**train):
@@ -59,8 +58,9 @@ def test_param_bytes_per_device_follow_the_shardings():
 
 def test_kv_cache_estimate_is_exact():
     config = get_preset("qwen2.5-1.5b", dtype="bfloat16")
+    buffers = updates.get("gxpo").step_buffers
     work = memory_lib.Workload(update_rows=8, seq_len=64, logits_len=16, sample_rows=640,
-                               sample_len=4096, step_buffers=STEP_BUFFERS["gxpo"])  # fmt: skip
+                               sample_len=4096, step_buffers=buffers)  # fmt: skip
     est = memory_lib.estimate_memory(config, {"data": 4, "fsdp": 1, "tensor": 1}, work)
     # L x rows x slots x K x H x (k, v) x bf16, rows split over 4 devices.
     assert est.kv_cache == 28 * 160 * 4096 * 2 * 128 * 2 * 2

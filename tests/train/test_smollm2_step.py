@@ -45,7 +45,7 @@ def test_one_gxpo_step_of_the_real_model(tmp_path, monkeypatch):
         return rewards, stats
 
     trainer.scorer.score_batch = score_batch
-    before = jax.tree.map(np.copy, trainer.trainable)
+    before = jax.tree.map(np.copy, trainer.state.trainable)
     trainer.run()
 
     (row,) = read_jsonl(tmp_path / "metrics.jsonl")
@@ -53,7 +53,7 @@ def test_one_gxpo_step_of_the_real_model(tmp_path, monkeypatch):
     assert row["gxpo/active"] == 1 and row["gxpo/fallback"] == 0
     assert np.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert 1 <= row["response_length_mean"] <= 8
-    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), trainer.trainable, before)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), trainer.state.trainable, before)
     assert max(jax.tree.leaves(moved)) > 0
     (evaluation,) = read_jsonl(tmp_path / "eval.jsonl")
     assert evaluation["step"] == 1 and 0.0 <= evaluation["pass@1"] <= 100.0

@@ -1,0 +1,215 @@
+"""Config groups -> the objects a run trains with: the model's weights, the loss, the inner
+optimizer and its schedule, the gate, the policy update (from `gxpo.train.updates`) and the
+jitted update step.
+
+The Trainer and every benchmark build through these, so a config means the same thing
+everywhere. The policy update needs no model: it is built, and its combinator checks its
+arguments, before anything is loaded or compiled; a bad value comes back as the config field
+that holds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+from gxpo.models.char_tokenizer import char_tokenizer
+from gxpo.models.checkpoints import load_pretrained
+from gxpo.models.lora import split_trainable
+from gxpo.models.presets import get_preset
+from gxpo.models.transformer import ModelConfig, init_model
+from gxpo.optim import ZScoreGate
+from gxpo.train import mesh as mesh_lib
+from gxpo.train import updates
+from gxpo.train.config import resolve_model_path, validate
+from gxpo.train.loss import LossConfig, policy_loss
+from gxpo.train.step import LossFn, make_update_step
+
+# "owner: `argument` rule, got value." (and the gate's older "ZScoreGate.argument rule ...")
+_ARGUMENT_ERROR = re.compile(
+    r"(?P<owner>\w+)(?::\s*`(?P<arg>\w+)`|\.(?P<attr>\w+))\s*(?:\([^)]*\)\s*)?(?P<rule>.*?)"
+    r"(?:,\s*got .*)?\.?",
+    re.S,
+)
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+    """Every check of a training config that needs no model or data: `validate`'s, then the
+    policy update's own argument checks (by building it). Raises ValueError naming the field."""
+    validate(config)
+    policy_update(config)
+
+
+def model(
+    m: ml_collections.ConfigDict, seed: int, mesh: jax.sharding.Mesh
+) -> tuple[ModelConfig, dict, dict, Any]:
+    """(model config, trainable weights, frozen weights, tokenizer) for the config's `model`
+    group, placed on `mesh`. A random init runs as one jit with out_shardings, so no device
+    ever holds more than its shards."""
+    options = dict(
+        dtype=m.dtype,
+        param_dtype=m.param_dtype or m.dtype,
+        lora_rank=m.lora_rank,
+        lora_alpha=m.lora_alpha,
+        lora_targets=tuple(m.lora_targets),
+        remat=m.remat,
+    )
+    if m.path == "":
+        model_config = get_preset(m.preset, **options)
+
+        def init():
+            _, trainable, frozen = split_trainable(init_model(model_config, seed=seed))
+            return _pure(trainable), _pure(frozen)
+
+        shardings = mesh_lib.weight_shardings(model_config, mesh)
+        trainable, frozen = mesh_lib.init_sharded(init, shardings)
+        return model_config, trainable, frozen, char_tokenizer()  # random init: no tokenizer
+    loaded, tokenizer = load_pretrained(resolve_model_path(m.path), seed=seed, **options)
+    if tokenizer is None:
+        raise ValueError(
+            f"config.model.path={m.path!r} has no tokenizer files (tokenizer.json, ...); "
+            "training needs the checkpoint's tokenizer"
+        )
+    shardings = mesh_lib.weight_shardings(loaded.config, mesh)
+    _, trainable, frozen = split_trainable(loaded)
+    trainable, frozen = _pure(trainable), _pure(frozen)
+    placed = mesh_lib.place(
+        (trainable, frozen), (mesh_lib.like(shardings, trainable), mesh_lib.like(shardings, frozen))
+    )
+    return loaded.config, *placed, tokenizer
+
+
+def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
+    """The GRPO loss's settings: `config.loss`, with the rollout's temperature, its max new
+    tokens (Dr.GRPO's normaliser) and its group size."""
+    lo, r = config.loss, config.rollout
+    return LossConfig(
+        temperature=r.temperature,
+        clip_eps_low=lo.clip_eps_low,
+        clip_eps_high=lo.clip_eps_high,
+        kl_coef=lo.kl_coef,
+        kl_estimator=lo.kl_estimator,
+        aggregation=lo.aggregation,
+        max_len=r.max_new_tokens,
+        old_logprobs=lo.old_logprobs,
+        group_size=r.responses_per_prompt,
+    )
+
+
+def loss_fn(config: ml_collections.ConfigDict, model_config: ModelConfig) -> LossFn:
+    """`loss(trainable, *, batch, frozen) -> (loss, metrics)` of the config's GRPO loss."""
+    return functools.partial(
+        policy_loss, model_config=model_config, loss_config=loss_config(config)
+    )
+
+
+def schedule(config: ml_collections.ConfigDict) -> optax.Schedule | float:
+    """`config.optimizer`'s learning rate over the run's inner-optimizer updates: train.steps x
+    train.mini_batches x the policy update's inner updates per step."""
+    opt, pu = config.optimizer, config.policy_update
+    per_step = updates.get(pu.name).updates_per_step(_group(pu))
+    total_updates = config.train.steps * config.train.mini_batches * per_step
+    if opt.schedule == "constant" and not opt.warmup_steps:
+        return opt.lr
+    decay = max(total_updates - opt.warmup_steps, 1)
+    if opt.schedule == "constant":
+        main = optax.constant_schedule(opt.lr)
+    elif opt.schedule == "cosine":
+        main = optax.cosine_decay_schedule(opt.lr, decay)
+    else:
+        main = optax.linear_schedule(opt.lr, 0.0, decay)
+    warm = optax.linear_schedule(0.0, opt.lr, opt.warmup_steps)
+    return optax.join_schedules([warm, main], [opt.warmup_steps])
+
+
+def inner_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with the schedule, behind an optional global-norm clip. The clip sits inside the
+    inner optimizer, so GXPO/SFPO clip every gradient they evaluate, not only g0."""
+    opt = config.optimizer
+    adamw = optax.adamw(
+        schedule(config), b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay
+    )
+    if opt.grad_clip > 0:
+        return optax.chain(optax.clip_by_global_norm(opt.grad_clip), adamw)
+    return adamw
+
+
+def gate(config: ml_collections.ConfigDict) -> ZScoreGate | None:
+    """`config.policy_update.gate` as a `ZScoreGate`, or None when disabled."""
+    g = config.policy_update.gate
+    return ZScoreGate(g.window, g.warmup, float(g.threshold)) if g.enabled else None
+
+
+def policy_update(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """The registered policy update `config.policy_update.name` around the inner optimizer.
+
+    Its combinator checks its own arguments here; a ValueError naming an argument in backticks
+    is raised again naming the config field (`config.policy_update.gxpo.virtual_depth=1: ...`).
+    """
+    pu = config.policy_update
+    entry = updates.get(pu.name)
+    group = _group(pu)
+    the_gate = gate(config)
+    try:
+        return entry.factory(inner_optimizer(config), the_gate, **group)
+    except ValueError as e:
+        raise _config_error(e, config, pu.name, group, the_gate) from None
+
+
+def update_step(
+    config: ml_collections.ConfigDict,
+    model_config: ModelConfig,
+    tx: optax.GradientTransformationExtraArgs,
+    **jit_kwargs: Any,
+) -> Callable:
+    """The jitted, donating `update(state, frozen, batch) -> (state, metrics)` of the config's
+    loss and gradient accumulation (`gxpo.train.step.make_update_step`); diagnostics are logged
+    as `<policy_update.name>/<field>`."""
+    return make_update_step(
+        tx,
+        loss_fn(config, model_config),
+        info_prefix=config.policy_update.name,
+        micro_batches=config.train.micro_batches,
+        group_size=config.rollout.responses_per_prompt,
+        aggregation=config.loss.aggregation,
+        **jit_kwargs,
+    )
+
+
+def step_buffers(config: ml_collections.ConfigDict) -> int:
+    """The memory estimate's parameter-sized buffers of the config's policy update."""
+    return updates.get(config.policy_update.name).step_buffers
+
+
+def _pure(state: nnx.State) -> dict:
+    return nnx.to_pure_dict(state)
+
+
+def _group(pu: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The fields of `config.policy_update.<name>` ({} when the update has none)."""
+    group = pu.get(pu.name)
+    return {} if group is None else group.to_dict()
+
+
+def _config_error(
+    error: ValueError, config: Any, name: str, group: dict, the_gate: ZScoreGate | None
+) -> ValueError:
+    """`error` restated as the config field its argument comes from, when there is one."""
+    m = _ARGUMENT_ERROR.fullmatch(str(error))
+    if m is None:
+        return error
+    argument = m["arg"] or m["attr"]
+    if the_gate is not None and m["owner"] == type(the_gate).__name__:
+        field, value = f"policy_update.gate.{argument}", config.policy_update.gate.get(argument)
+    elif argument in group:
+        field, value = f"policy_update.{name}.{argument}", group[argument]
+    else:
+        return error
+    return ValueError(f"config.{field}={value!r}: {m['rule']}")

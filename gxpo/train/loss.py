@@ -1,0 +1,163 @@
+"""The policy's GRPO loss on a mini-batch of rollouts, and the per-batch log-probs it needs.
+
+Shapes: the key in `gxpo.models.config`; here B rows of a mini-batch (whole prompt groups of G
+rows), T = prompt + response tokens, A the response window (the last prompt token and the
+response slots).
+
+Weights are nested dicts of arrays (`Transformer.weights()` layout) split in two: `trainable`
+(the LoRA adapters, or every parameter for full fine-tuning) and `frozen` (the rest). `frozen`
+is an argument of every call, never a closure constant, so it is neither copied nor baked into
+the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+
+from gxpo.models.transformer import ModelConfig, forward
+from gxpo.rl import grpo
+
+
+class Batch(NamedTuple):
+    """One mini-batch of rollouts.
+
+    Per-token arrays cover the response window only, `tokens[:, T - A:]`: the last prompt
+    token (never in the loss) and the A - 1 response slots. The window's width A is its shape,
+    so it is static under jit, and the model computes logits only there.
+    """
+
+    tokens: jax.Array  # [B, T] int32: left-padded prompt, response, padding
+    mask: jax.Array  # [B, T] bool: real tokens (prompt and response)
+    response_mask: jax.Array  # [B, A] bool: tokens the loss sees
+    advantages: jax.Array  # [B] float32
+    old_logp: jax.Array  # [B, A] float32: rollout-policy log-probs of the window's tokens
+    ref_logp: jax.Array  # [B, A] float32: reference log-probs (zeros when kl_coef == 0)
+
+
+# Each field's rank: its rows are split over the mesh (`mesh.row_shardings`), the rest is whole.
+BATCH_RANKS = Batch(tokens=2, mask=2, response_mask=2, advantages=1, old_logp=2, ref_logp=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The GRPO loss's settings (GXPO.md, "GRPO loss and advantages"); static under jit."""
+
+    temperature: float = 1.0
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 1e-3
+    kl_estimator: str = "k3"
+    aggregation: str = "token-mean"
+    max_len: int | None = None  # Dr.GRPO's constant normaliser (the rollout's max new tokens)
+    old_logprobs: str = "rollout"  # "rollout" | "current"
+    # G: rows come in groups of G responses to one prompt (the nonzero-advantage-groups metric;
+    # the forward pass runs each group's prompt once)
+    group_size: int | None = None
+
+
+def merge_weights(trainable: dict, frozen: dict) -> dict:
+    """One nested dict from two with disjoint leaves (the inverse of the trainable split)."""
+    out = dict(frozen)
+    for key, value in trainable.items():
+        out[key] = merge_weights(value, out.get(key, {})) if isinstance(value, dict) else value
+    return out
+
+
+def policy_loss(
+    trainable: dict,
+    *,
+    batch: Batch,
+    frozen: dict,
+    model_config: ModelConfig,
+    loss_config: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The GRPO loss of the policy `trainable + frozen` on `batch`, and its metrics."""
+    weights = merge_weights(trainable, frozen)
+    start = batch.tokens.shape[1] - batch.response_mask.shape[1]
+    logits_BxAxV = forward(
+        weights,
+        model_config,
+        batch.tokens,
+        batch.mask,
+        logits_start=start,
+        shared_prefix_rows=loss_config.group_size or 1,
+    )
+    logp_BxA, entropy_BxA = grpo.token_logprobs_and_entropy(
+        logits_BxAxV, batch.tokens[:, start:], loss_config.temperature
+    )
+    c = loss_config
+    return grpo.grpo_loss(
+        logp_BxA,
+        batch.old_logp if c.old_logprobs == "rollout" else None,
+        batch.ref_logp if c.kl_coef > 0 else None,
+        batch.advantages,
+        batch.response_mask,
+        clip_eps_low=c.clip_eps_low,
+        clip_eps_high=c.clip_eps_high,
+        kl_coef=c.kl_coef,
+        kl_estimator=c.kl_estimator,
+        aggregation=c.aggregation,
+        max_len=c.max_len,
+        entropy_BxT=entropy_BxA,
+        group_size=c.group_size,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "model_config",
+        "temperature",
+        "window",
+        "with_old",
+        "reference",
+        "group_size",
+    ),
+)
+def batch_logprobs(
+    trainable: dict,
+    frozen: dict,
+    reference_weights: dict | None,
+    tokens_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    *,
+    model_config: ModelConfig,
+    temperature: float,
+    window: int,
+    with_old: bool,
+    reference: str,
+    group_size: int = 1,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """(old_logp, ref_logp) [B, A] of the last A = `window` tokens (`Batch`'s response
+    window), once per rollout batch; None where not asked for.
+
+    `with_old`: the policy's own log-probs (the rollout point). `reference`: "adapters_off"
+    (LoRA: the base model from the same weights), "weights" (full fine-tuning:
+    `reference_weights`, a copy of the initial params), or "none". `group_size`: rows come in
+    groups of that many responses to one prompt, whose prompt then runs once.
+    """
+    weights = merge_weights(trainable, frozen)
+    start = tokens_BxT.shape[1] - window
+
+    def logp(w, use_lora=True):
+        logits_BxAxV = forward(
+            w,
+            model_config,
+            tokens_BxT,
+            mask_BxT,
+            use_lora=use_lora,
+            logits_start=start,
+            shared_prefix_rows=group_size,
+        )
+        return grpo.token_logprobs(logits_BxAxV, tokens_BxT[:, start:], temperature)
+
+    old = logp(weights) if with_old else None
+    if reference == "adapters_off":
+        return old, logp(weights, use_lora=False)
+    if reference == "weights":
+        return old, logp(reference_weights)
+    return old, None

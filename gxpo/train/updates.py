@@ -1,0 +1,157 @@
+"""The policy updates a config can name (`config.policy_update.name`), one registry entry each.
+
+Adding a policy update takes a combinator (an `optax.GradientTransformationExtraArgs`, e.g. in
+`gxpo.optim`) and one `register(PolicyUpdate(...))`; the config defaults, the builders, the
+schedules, the memory estimate and the comparison's method names all read the entry:
+
+    register(PolicyUpdate(
+        name="signsgd_scale",
+        factory=lambda inner, gate, *, scale: my_combinator(inner, scale=scale),
+        defaults={"scale": 0.5},  # becomes config.policy_update.signsgd_scale.scale
+    ))
+
+Register before the config is built (e.g. at the top of a config file), so that
+`defaults.base_config()` gives the entry its config group.
+
+The update step hands every `tx.update` a `grad_fn=` (params -> the mini-batch's gradient
+there, accumulated over micro-batches where configured), so a policy update needs no loss
+function of its own. Its state may hold an `info` NamedTuple of scalar diagnostics, logged as
+`<name>/<field>`; `info.grad_evals` is the step's gradient evaluations (1 without it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import optax
+
+from gxpo.optim import ZScoreGate, gxpo, sfpo
+
+# (inner, gate, **config group) -> the policy update
+Factory = Callable[..., optax.GradientTransformationExtraArgs]
+_RESERVED = ("name", "gate")  # config.policy_update fields that are not policy updates
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyUpdate:
+    """One policy update.
+
+    Attributes:
+      name: its `config.policy_update.name`.
+      factory: `(inner, gate, **group) -> tx`: the policy update around the inner optimizer,
+        `gate` a `ZScoreGate` or None (`config.policy_update.gate`), `group` the fields of
+        `config.policy_update.<name>`. Its argument checks raise ValueError naming the
+        argument in backticks (`owner: \\`argument\\` rule, got value.`), which the builders
+        turn into the config field.
+      defaults: `config.policy_update.<name>`, the factory's keyword arguments.
+      inner_updates: inner-optimizer updates per step while active, an int or a function of
+        the group's fields (learning-rate schedules count inner updates).
+      step_buffers: parameter-sized float buffers one update step holds beyond the params and
+        the optimizer state (gradients, probe points, moment copies): the memory estimate's.
+      depth_field: the group field that `<name><K>` method names set in
+        `gxpo.experiments.compare` (None: the method name is `<name>` alone).
+    """
+
+    name: str
+    factory: Factory
+    defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    inner_updates: int | Callable[..., int] = 1
+    step_buffers: int = 4
+    depth_field: str | None = None
+
+    def updates_per_step(self, group: Mapping[str, Any]) -> int:
+        """Inner-optimizer updates of one active step with these group fields."""
+        n = self.inner_updates
+        return n if isinstance(n, int) else n(**group)
+
+
+_REGISTRY: dict[str, PolicyUpdate] = {}
+
+
+def register(entry: PolicyUpdate, *, replace: bool = False) -> PolicyUpdate:
+    """Adds `entry` (under `entry.name`); returns it."""
+    if not entry.name.isidentifier() or entry.name in _RESERVED:
+        raise ValueError(
+            f"register: `name` must be an identifier other than {_RESERVED}, got {entry.name!r}."
+        )
+    if entry.name in _REGISTRY and not replace:
+        raise ValueError(f"register: a policy update {entry.name!r} exists; pass replace=True.")
+    if entry.depth_field is not None and entry.depth_field not in entry.defaults:
+        raise ValueError(
+            f"register: `depth_field` {entry.depth_field!r} is not a field of `defaults` "
+            f"{tuple(entry.defaults)}."
+        )
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    """Removes a registered policy update (tests register their own)."""
+    _REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """The registered policy updates, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> PolicyUpdate:
+    """The entry of `name`; ValueError naming the config field if there is none."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"config.policy_update.name={name!r}: allowed values are {names()} "
+            "(gxpo.train.updates.register adds one)"
+        )
+    return _REGISTRY[name]
+
+
+# ----------------------------------------------------------------------------- built-ins
+
+
+def _grpo(inner: optax.GradientTransformation, gate: ZScoreGate | None):
+    del gate  # one plain inner step: nothing to shut off
+    return optax.with_extra_args_support(inner)
+
+
+def _sfpo(inner: optax.GradientTransformation, gate: ZScoreGate | None, **group: Any):
+    return sfpo(inner, gate=gate, **group)
+
+
+def _gxpo(inner: optax.GradientTransformation, gate: ZScoreGate | None, **group: Any):
+    return gxpo(inner, gate=gate, **group)
+
+
+register(PolicyUpdate(name="grpo", factory=_grpo))
+register(
+    PolicyUpdate(
+        name="sfpo",
+        factory=_sfpo,
+        defaults={
+            "fast_steps": 3,  # K
+            "reposition": 0.8,  # alpha
+        },
+        inner_updates=lambda fast_steps, **_: fast_steps + 1,
+        step_buffers=8,
+        depth_field="fast_steps",
+    )
+)
+register(
+    PolicyUpdate(
+        name="gxpo",
+        factory=_gxpo,
+        defaults={
+            "virtual_depth": 5,  # K
+            "reposition": 0.5,  # alpha
+            "active_threshold": 1e-3,
+            "ratio_clip": (-2.0, 3.0),
+            "scale_clip": (1.0, None),  # None = K/2 + 1
+            "probe_state": "keep",  # "keep" (paper) | "restore"
+        },
+        # "keep": both probes' inner steps count; "restore" rewinds them.
+        inner_updates=lambda probe_state, **_: 3 if probe_state == "keep" else 1,
+        step_buffers=12,
+        depth_field="virtual_depth",
+    )
+)
