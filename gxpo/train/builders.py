@@ -22,9 +22,10 @@ from flax import nnx
 
 from gxpo.models.char_tokenizer import char_tokenizer
 from gxpo.models.checkpoints import load_pretrained
+from gxpo.models.config import ModelConfig
 from gxpo.models.lora import split_trainable
 from gxpo.models.presets import get_preset
-from gxpo.models.transformer import ModelConfig, init_model
+from gxpo.models.transformer import init_model
 from gxpo.optim import ZScoreGate
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import updates
@@ -32,11 +33,9 @@ from gxpo.train.config import resolve_model_path, validate
 from gxpo.train.loss import LossConfig, policy_loss
 from gxpo.train.step import LossFn, make_update_step
 
-# "owner: `argument` rule, got value." (and the gate's older "ZScoreGate.argument rule ...")
+# The combinators' argument errors: "owner: `argument` rule, got value."
 _ARGUMENT_ERROR = re.compile(
-    r"(?P<owner>\w+)(?::\s*`(?P<arg>\w+)`|\.(?P<attr>\w+))\s*(?:\([^)]*\)\s*)?(?P<rule>.*?)"
-    r"(?:,\s*got .*)?\.?",
-    re.S,
+    r"(?P<owner>\w+):\s*`(?P<arg>\w+)`\s*(?P<rule>.*?)(?:,\s*got .*)?\.?", re.S
 )
 
 
@@ -205,7 +204,7 @@ def _config_error(
     m = _ARGUMENT_ERROR.fullmatch(str(error))
     if m is None:
         return error
-    argument = m["arg"] or m["attr"]
+    argument = m["arg"]
     if the_gate is not None and m["owner"] == type(the_gate).__name__:
         field, value = f"policy_update.gate.{argument}", config.policy_update.gate.get(argument)
     elif argument in group:

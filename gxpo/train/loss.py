@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import jax
 
-from gxpo.models.transformer import ModelConfig, forward
+from gxpo.models.config import ModelConfig
+from gxpo.models.transformer import forward
 from gxpo.rl import grpo
 
 
