@@ -237,8 +237,8 @@ def serve_trl(args: argparse.Namespace, fp32: bool) -> None:
 
     def arithmetic_reward(completions, answer, **_) -> list[float]:
         texts = [completion[0]["content"] for completion in completions]
-        rewards_N, _ = scorer.score_batch(texts, answer, "numeric")
-        return rewards_N.tolist()
+        rewards_B, _ = scorer.score_batch(texts, answer, "numeric")
+        return rewards_B.tolist()
 
     rollout_watch, generate_watch = Stopwatch(), Stopwatch()
 
