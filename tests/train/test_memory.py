@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 
 from gxpo.models import get_preset
+from gxpo.train import builders, updates
 from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
-from gxpo.train import updates
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _mesh_config(**sizes) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, **sizes})
-
-
-def _step_buffers(c: ml_collections.ConfigDict) -> int:
-    return updates.get(c.policy_update.name).step_buffers
 
 
 def _gpu_config(**train):
@@ -38,7 +34,7 @@ def _gpu_config(**train):
 def test_param_bytes_per_device_follow_the_shardings():
     config = get_preset("llama3.2-3b", dtype="bfloat16", param_dtype="bfloat16", lora_rank=128)
     c = _gpu_config()
-    work = memory_lib.workload(c, _step_buffers(c))
+    work = memory_lib.workload(c, builders.step_buffers(c))
     one = memory_lib.estimate_memory(config, {"data": 1, "fsdp": 1, "tensor": 1}, work)
     four = memory_lib.estimate_memory(config, {"data": 1, "fsdp": 4, "tensor": 1}, work)
     infos = mesh_lib.param_infos(config)
@@ -77,7 +73,9 @@ def test_a_config_that_cannot_fit_says_what_would():
     c.rollout.prompts_per_step = 128
     c.eval.prompts_per_batch = 8
     with pytest.raises(ValueError, match="exceeds the 80.0 GiB available") as err:
-        memory_lib.check_memory(c, model, mesh, step_buffers=_step_buffers(c), verbose=False)
+        memory_lib.check_memory(
+            c, model, mesh, step_buffers=builders.step_buffers(c), verbose=False
+        )
     message = str(err.value)
     assert "peak (update)" in message  # the table comes with the error
     flags = dict(re.findall(r"--config\.([\w.]+)=(\S+)", message))
@@ -87,12 +85,14 @@ def test_a_config_that_cannot_fit_says_what_would():
     c.rollout.sample_chunks = int(flags["rollout.sample_chunks"])
     c.train.micro_batches = int(flags.get("train.micro_batches", c.train.micro_batches))
     model = dataclasses.replace(model, remat=flags.get("model.remat") == "True" or model.remat)
-    estimate = memory_lib.check_memory(c, model, mesh, step_buffers=_step_buffers(c), verbose=False)
+    estimate = memory_lib.check_memory(
+        c, model, mesh, step_buffers=builders.step_buffers(c), verbose=False
+    )
     assert estimate.peak <= 80 * memory_lib.GIB
     c.mesh.memory_check = "warn"
     c.train.micro_batches = 1
     memory_lib.check_memory(
-        c, model, mesh, step_buffers=_step_buffers(c), verbose=False
+        c, model, mesh, step_buffers=builders.step_buffers(c), verbose=False
     )  # warns, does not raise
 
 
@@ -114,7 +114,7 @@ def test_gpu_config_presets_fit_their_hardware(name, hardware, devices, monkeypa
     model = get_preset(GPU_CONFIGS[name], dtype=m.dtype, param_dtype=m.param_dtype or m.dtype,
                        lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, remat=m.remat)  # fmt: skip
     sizes = dict(zip(mesh_lib.MESH_AXES, mesh_lib.mesh_shape(c.mesh, devices)))
-    work = memory_lib.workload(c, _step_buffers(c))
+    work = memory_lib.workload(c, builders.step_buffers(c))
     # The paper's protocol on every hardware: 128 prompts x 5, one optimizer update per step.
     assert (c.rollout.prompts_per_step, c.rollout.responses_per_prompt) == (128, 5)
     assert c.train.mini_batches == 1
@@ -126,7 +126,7 @@ def test_memory_table_is_printed(capsys):
     c = _gpu_config(mini_batches=32)
     model = get_preset("llama3.2-3b", dtype="bfloat16", param_dtype="bfloat16", lora_rank=128)
     mesh = mesh_lib.make_mesh(_mesh_config())
-    estimate = memory_lib.check_memory(c, model, mesh, step_buffers=_step_buffers(c))
+    estimate = memory_lib.check_memory(c, model, mesh, step_buffers=builders.step_buffers(c))
     out = capsys.readouterr().out
     assert "Memory per device (estimate) on mesh {'data': 1, 'fsdp': 1, 'tensor': 1}" in out
     assert "20 rows x 4096 tokens per update" in out
