@@ -4,14 +4,17 @@
                      [--workdir=runs/NAME] [--noresume]
 
 A work directory that holds a checkpoint is resumed from its latest one unless --noresume.
+A user's error (bad config, missing file, wrong model path) is one line and exit status 2;
+--verbose shows its traceback.
 """
 
 import shutil
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from gxpo import cli
 from gxpo.train.builders import check
 from gxpo.train.trainer import Trainer
 
@@ -34,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
