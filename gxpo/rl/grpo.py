@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 SCALES = ("std", "none")
+STDS = ("unbiased", "population")
+IMPORTANCE_LEVELS = ("token", "sequence")
 KL_ESTIMATORS = ("k3", "k1")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -56,7 +58,11 @@ def _check_groups(batch: int, group_size: int) -> None:
 
 
 def group_advantages(
-    rewards_B: jax.Array, group_size: int, scale: str = "std", eps: float = 1e-6
+    rewards_B: jax.Array,
+    group_size: int,
+    scale: str = "std",
+    eps: float = 1e-6,
+    std: str = "unbiased",
 ) -> jax.Array:
     """GRPO advantages ``(R - mean_g R) / (std_g R + eps)``, or ``R - mean_g R`` (Dr.GRPO).
 
@@ -65,12 +71,16 @@ def group_advantages(
       group_size: G, responses per prompt (>= 2).
       scale: ``"std"`` divides by the group's std (GRPO); ``"none"`` does not (Dr.GRPO).
       eps: added to the std, so an (almost) constant group does not blow up.
+      std: ``"unbiased"`` (Bessel, ddof = 1: verl's ``torch.std`` and the GXPO authors') or
+        ``"population"`` (ddof = 0: a smaller std, so for G = 5 advantages sqrt(5/4) ~
+        1.12x larger).
 
     Returns:
       ``advantages_B`` in float32 (float64 for float64 rewards); exactly 0 for every response
       of a group whose rewards are all equal.
     """
     _check_choice("scale", scale, SCALES)
+    _check_choice("std", std, STDS)
     rewards_B = _float(rewards_B)
     _check_groups(rewards_B.shape[0], group_size)
     r_QxG = rewards_B.reshape(-1, group_size)
@@ -80,13 +90,33 @@ def group_advantages(
     constant_Qx1 = r_QxG.max(axis=1, keepdims=True) == r_QxG.min(axis=1, keepdims=True)
     centered_QxG = jnp.where(constant_Qx1, 0.0, centered_QxG)
     if scale == "std":
-        # Unbiased (Bessel, ddof=1) std, not the population one: verl's
-        # compute_grpo_outcome_advantage uses torch.std, unbiased by default, and matching it
-        # keeps advantage magnitudes (hence effective step sizes) comparable with verl runs.
-        # (For G = 5 the population std would give advantages sqrt(5/4) ~ 1.12x larger.)
-        std_Qx1 = jnp.std(r_QxG, axis=1, ddof=1, keepdims=True)
+        # The unbiased default keeps advantage magnitudes (hence effective step sizes)
+        # comparable with verl runs, whose compute_grpo_outcome_advantage uses torch.std.
+        ddof = 1 if std == "unbiased" else 0
+        std_Qx1 = jnp.std(r_QxG, axis=1, ddof=ddof, keepdims=True)
         centered_QxG = centered_QxG / (std_Qx1 + eps)
     return centered_QxG.reshape(-1)
+
+
+def overlong_penalty(
+    lengths_B: jax.Array, max_new_tokens: int, buffer: int, penalty: float = 1.0
+) -> jax.Array:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), a reward to add, in [-penalty, 0].
+
+    0 for responses of at most ``max_new_tokens - buffer`` tokens, then falling linearly to
+    ``-penalty`` at ``max_new_tokens`` (the longest a response can be here):
+    ``penalty * (max_new_tokens - buffer - length) / buffer``. ``buffer = 0``: no penalty.
+    """
+    if buffer < 0 or buffer > max_new_tokens or penalty < 0:
+        raise ValueError(
+            f"overlong buffer={buffer} must be in [0, max_new_tokens={max_new_tokens}] and "
+            f"penalty={penalty} >= 0 (config.reward.overlong_buffer / overlong_penalty)."
+        )
+    lengths_B = _float(lengths_B)
+    if buffer == 0:
+        return jnp.zeros_like(lengths_B)
+    over_B = jnp.maximum(lengths_B - (max_new_tokens - buffer), 0.0)
+    return -penalty * jnp.minimum(over_B / buffer, 1.0)
 
 
 def nonzero_group_fraction(advantages_B: jax.Array, group_size: int) -> jax.Array:
@@ -311,15 +341,23 @@ def grpo_loss(
     max_len: int | None = None,
     entropy_BxT: jax.Array | None = None,
     group_size: int | None = None,
+    entropy_coef: float = 0.0,
+    importance_level: str = "token",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The clipped GRPO surrogate plus a KL penalty to the reference policy.
 
     Per response token (``mask_BxT`` true), with ``ratio = exp(logp - old_logp)``:
 
       pg = -min(ratio * A, clip(ratio, 1 - clip_eps_low, 1 + clip_eps_high) * A)
-      loss = agg(pg) + kl_coef * agg(kl(logp, ref_logp))
+      loss = agg(pg) + kl_coef * agg(kl(logp, ref_logp)) - entropy_coef * agg(entropy)
 
     with ``agg`` = :func:`aggregate_loss` and ``kl`` = :func:`kl_to_reference`.
+
+    ``importance_level="sequence"`` (GSPO, Zheng et al. 2025) replaces every token's ratio by
+    its response's length-normalised one, ``s = exp(mean_t (logp - old_logp))``, written as
+    ``exp(logp - sg(logp) + sg(log s))`` per token (as verl does): its value is ``s`` at every
+    token, its gradient ``s * grad logp``, so the clip keeps or drops whole responses. GSPO's
+    paper pairs it with ``seq-mean-token-mean``; the aggregation stays the caller's choice.
 
     Args:
       logp_BxT: log-probs of the sampled tokens under the params being differentiated.
@@ -334,8 +372,11 @@ def grpo_loss(
       clip_eps_low, clip_eps_high: PPO clip range (asymmetric allowed, as in DAPO).
       kl_coef, kl_estimator: KL penalty weight and ``"k3"`` | ``"k1"``.
       aggregation, max_len: see :func:`aggregate_loss`.
-      entropy_BxT: token entropies (:func:`token_logprobs_and_entropy`), reported if given.
+      entropy_BxT: token entropies (:func:`token_logprobs_and_entropy`), reported if given;
+        needed, and differentiated, when ``entropy_coef > 0``.
       group_size: G; if given, reports the fraction of groups with a nonzero advantage.
+      entropy_coef: weight of the entropy bonus (0: none; the GXPO authors' recipe: 1e-3).
+      importance_level: ``"token"`` (PPO / GRPO) or ``"sequence"`` (GSPO), see above.
 
     Returns:
       ``(loss, metrics)``: the scalar to differentiate, and float32 scalars ``loss``,
@@ -345,6 +386,12 @@ def grpo_loss(
     """
     _check_choice("aggregation", aggregation, AGGREGATIONS)
     _check_choice("kl_estimator", kl_estimator, KL_ESTIMATORS)
+    _check_choice("importance_level", importance_level, IMPORTANCE_LEVELS)
+    if entropy_coef < 0 or (entropy_coef > 0 and entropy_BxT is None):
+        raise ValueError(
+            f"entropy_coef={entropy_coef} must be >= 0, and > 0 needs entropy_BxT "
+            "(token_logprobs_and_entropy)."
+        )
     _check_loss_args(
         logp_BxT,
         {"old_logp": old_logp_BxT, "ref_logp": ref_logp_BxT, "mask": mask_BxT},
@@ -365,7 +412,14 @@ def grpo_loss(
     logp_BxT = masked(logp_BxT)
     old_BxT = jax.lax.stop_gradient(logp_BxT) if old_logp_BxT is None else masked(old_logp_BxT)
     log_ratio_BxT = jnp.clip(logp_BxT - old_BxT, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
-    ratio_BxT = jnp.exp(log_ratio_BxT)
+    if importance_level == "token":
+        ratio_BxT = jnp.exp(log_ratio_BxT)
+    else:
+        count_Bx1 = jnp.maximum(jnp.sum(mask_BxT, axis=1, keepdims=True), 1)
+        seq_log_ratio_Bx1 = jnp.sum(logp_BxT - old_BxT, axis=1, keepdims=True) / count_Bx1
+        seq_log_ratio_Bx1 = jnp.clip(seq_log_ratio_Bx1, -_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+        sg = jax.lax.stop_gradient
+        ratio_BxT = jnp.exp(logp_BxT - sg(logp_BxT) + sg(seq_log_ratio_Bx1))
     a_Bx1 = _float(advantages_B)[:, None]
     unclipped_BxT = -a_Bx1 * ratio_BxT
     clipped_BxT = -a_Bx1 * jnp.clip(ratio_BxT, 1.0 - clip_eps_low, 1.0 + clip_eps_high)
@@ -384,7 +438,10 @@ def grpo_loss(
             loss = loss + kl_coef * aggregate_loss(kl_BxT, mask_BxT, aggregation, max_len)
         metrics["kl_ref"] = _masked_mean(kl_BxT, mask_BxT)
     if entropy_BxT is not None:
-        metrics["entropy"] = _masked_mean(_float(entropy_BxT), mask_BxT)
+        entropy_BxT = masked(entropy_BxT)
+        if entropy_coef > 0:
+            loss = loss - entropy_coef * aggregate_loss(entropy_BxT, mask_BxT, aggregation, max_len)
+        metrics["entropy"] = _masked_mean(entropy_BxT, mask_BxT)
     if group_size is not None:
         metrics["nonzero_adv_groups"] = nonzero_group_fraction(advantages_B, group_size)
     metrics["loss"] = loss

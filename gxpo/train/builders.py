@@ -99,6 +99,8 @@ def loss_config(config: ml_collections.ConfigDict) -> LossConfig:
         max_len=r.max_new_tokens,
         old_logprobs=lo.old_logprobs,
         group_size=r.responses_per_prompt,
+        entropy_coef=lo.entropy_coef,
+        importance_level=lo.importance_level,
     )
 
 

@@ -139,6 +139,9 @@ def validate(config: Any) -> None:
     _choice("loss.aggregation", lo.aggregation, grpo.AGGREGATIONS)
     _choice("loss.old_logprobs", lo.old_logprobs, OLD_LOGPROBS)
     _choice("loss.advantage_scale", lo.advantage_scale, ADVANTAGE_SCALES)
+    _choice("loss.advantage_std", lo.advantage_std, grpo.STDS)
+    _check(lo.entropy_coef >= 0, "loss.entropy_coef", lo.entropy_coef, "must be >= 0 (0 = off)")
+    _choice("loss.importance_level", lo.importance_level, grpo.IMPORTANCE_LEVELS)
     # optimizer
     _check(opt.lr > 0, "optimizer.lr", opt.lr, "must be > 0")
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)

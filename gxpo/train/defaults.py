@@ -75,6 +75,14 @@ def base_config() -> ml_collections.ConfigDict:
     # fewer; close in float32, less so in bfloat16).
     c.loss.recompute_old_logprobs = True
     c.loss.advantage_scale = "std"  # "std" (GRPO) | "none" (Dr.GRPO)
+    # The group std of the advantages: "unbiased" (ddof 1: verl, the GXPO authors) | "population"
+    c.loss.advantage_std = "unbiased"
+    c.loss.entropy_coef = 0.0  # entropy bonus, loss -= coef * agg(entropy) at every gradient
+    # "token": PPO / GRPO per-token ratios | "sequence": GSPO's length-normalised response ratio
+    c.loss.importance_level = "token"
+    # Responses cut at rollout.max_new_tokens (no end token) leave the loss (DAPO's overlong
+    # filtering); their rewards still count in their group's advantages.
+    c.loss.mask_truncated = False
     c.loss.format_reward = 0.0  # bonus for a response with a \boxed{} answer
 
     c.policy_update = ml_collections.ConfigDict()

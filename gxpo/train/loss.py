@@ -58,6 +58,8 @@ class LossConfig:
     # G: rows come in groups of G responses to one prompt (the nonzero-advantage-groups metric;
     # the forward pass runs each group's prompt once)
     group_size: int | None = None
+    entropy_coef: float = 0.0  # the entropy bonus's weight
+    importance_level: str = "token"  # "token" | "sequence" (GSPO)
 
 
 def merge_weights(trainable: dict, frozen: dict) -> dict:
@@ -105,6 +107,8 @@ def policy_loss(
         max_len=c.max_len,
         entropy_BxT=entropy_BxA,
         group_size=c.group_size,
+        entropy_coef=c.entropy_coef,
+        importance_level=c.importance_level,
     )
 
 

@@ -278,7 +278,9 @@ class Trainer:
         response, and the old / reference log-probs of the response window."""
         c, out = self.config, samples.out
         G = c.rollout.responses_per_prompt
-        advantages_B = grpo.group_advantages(rewards_B, G, scale=c.loss.advantage_scale)
+        advantages_B = grpo.group_advantages(
+            rewards_B, G, scale=c.loss.advantage_scale, std=c.loss.advantage_std
+        )
         # Trim the padding every row shares: the update then runs on P + the longest response.
         T = out.tokens.shape[1]
         P = T - c.rollout.max_new_tokens
@@ -305,10 +307,15 @@ class Trainer:
                 group_size=G,
             )
         old_logp = out.logprobs[:, window] if old_BxA is None else old_BxA
+        response_mask_BxA = out.response_mask[:, window]
+        if c.loss.mask_truncated:  # cut at max_new_tokens before an end token
+            ended_B = jnp.isin(out.tokens[:, -1], jnp.asarray(self.eos_ids))
+            truncated_B = (out.lengths == c.rollout.max_new_tokens) & ~ended_B
+            response_mask_BxA = response_mask_BxA & ~truncated_B[:, None]
         return loss_lib.Batch(
             tokens=tokens_BxT,
             mask=mask_BxT,
-            response_mask=out.response_mask[:, window],
+            response_mask=response_mask_BxA,
             advantages=advantages_B,
             old_logp=old_logp,
             ref_logp=jnp.zeros_like(old_logp) if ref_BxA is None else ref_BxA,

@@ -338,3 +338,74 @@ def _zeros():
 
 def _adv_mask():
     return jnp.zeros(2), jnp.ones((2, 3), bool)
+
+
+# --- The toolbox: population std, entropy bonus, GSPO's sequence ratio, overlong penalty. ----
+
+
+def test_population_std_advantages(x64):
+    rewards = jnp.array([1.0, 0.0, 0.0, 0.0, 1.0, 1.0], jnp.float64)  # G = 3
+    r = np.asarray(rewards).reshape(2, 3)
+    want = (r - r.mean(1, keepdims=True)) / (r.std(1, ddof=0, keepdims=True) + 1e-6)
+    got = grpo.group_advantages(rewards, 3, std="population")
+    np.testing.assert_allclose(got, want.reshape(-1), **EXACT)
+    # The default, unbiased std: the same advantages times std_0 / std_1 (eps aside).
+    ratio = r.std(1, keepdims=True) / r.std(1, ddof=1, keepdims=True)
+    unbiased = grpo.group_advantages(rewards, 3)
+    np.testing.assert_allclose(unbiased, (want * ratio).reshape(-1), rtol=1e-5)
+
+
+def test_entropy_bonus_is_subtracted_and_differentiated(x64):
+    logp, old, ref = hand_batch()
+    mask = jnp.asarray(HAND_MASK)
+    entropy = jnp.asarray(np.arange(12.0).reshape(4, 3) / 10)
+    adv = jnp.asarray(HAND_ADV)
+
+    def loss(ent, coef):
+        return grpo.grpo_loss(logp, old, ref, adv, mask, entropy_BxT=ent, entropy_coef=coef)[0]
+
+    base = loss(entropy, 0.0)
+    token_mean = np.sum(np.asarray(entropy) * HAND_MASK) / HAND_MASK.sum()
+    np.testing.assert_allclose(loss(entropy, 1e-3), base - 1e-3 * token_mean, **EXACT)
+    grad = jax.grad(loss)(entropy, 1e-3)
+    np.testing.assert_allclose(grad, -1e-3 * HAND_MASK / HAND_MASK.sum(), **EXACT)
+    with pytest.raises(ValueError, match="entropy_coef"):
+        grpo.grpo_loss(logp, old, ref, adv, mask, entropy_coef=1e-3)
+
+
+def test_sequence_importance_ratio_matches_gspo(x64):
+    """Value and gradient against GSPO's formula written per response in NumPy."""
+    rng = np.random.default_rng(0)
+    B, T = 4, 5
+    logp = jnp.asarray(rng.normal(-1.0, 0.3, (B, T)))
+    old = jnp.asarray(np.asarray(logp) + rng.normal(0, 0.15, (B, T)))
+    mask = jnp.asarray(rng.random((B, T)) < 0.8).at[:, 0].set(True)
+    adv = jnp.asarray([1.0, -1.0, 0.5, -0.5])
+
+    def ours(lp):
+        return grpo.grpo_loss(
+            lp, old, None, adv, mask, kl_coef=0.0, importance_level="sequence",
+            aggregation="seq-mean-token-mean", clip_eps_low=0.05, clip_eps_high=0.05,
+        )  # fmt: skip
+
+    loss, metrics = ours(logp)
+    m, lp, od, a = (np.asarray(x) for x in (mask, logp, old, adv))
+    n = m.sum(1)
+    s = np.exp(((lp - od) * m).sum(1) / n)
+    clipped = np.clip(s, 0.95, 1.05)
+    per_seq = np.maximum(-a * s, -a * clipped)
+    np.testing.assert_allclose(loss, per_seq.mean(), **EXACT)
+    # d/dlogp_t: s * A / n (times -1) where the unclipped term is taken, else 0.
+    active = (-a * s) >= (-a * clipped)
+    want = np.where(active, -a * s / n, 0.0)[:, None] * m / B
+    np.testing.assert_allclose(jax.grad(lambda x: ours(x)[0])(logp), want, **EXACT)
+    assert 0 < float(metrics["clip_frac"]) < 1  # some responses clipped whole, some not
+
+
+def test_overlong_penalty_hand_worked(x64):
+    lengths = jnp.asarray([10.0, 12.0, 14.0, 16.0])
+    got = grpo.overlong_penalty(lengths, max_new_tokens=16, buffer=4, penalty=0.5)
+    np.testing.assert_allclose(got, [0.0, 0.0, -0.25, -0.5], **EXACT)
+    np.testing.assert_array_equal(grpo.overlong_penalty(lengths, 16, 0), np.zeros(4))
+    with pytest.raises(ValueError, match="overlong_buffer"):
+        grpo.overlong_penalty(lengths, 16, 17)
