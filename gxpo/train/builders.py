@@ -113,10 +113,10 @@ def loss_fn(config: ml_collections.ConfigDict, model_config: ModelConfig) -> Los
 
 def schedule(config: ml_collections.ConfigDict) -> optax.Schedule | float:
     """`config.optimizer`'s learning rate over the run's inner-optimizer updates: train.steps x
-    train.mini_batches x the policy update's inner updates per step."""
-    opt, pu = config.optimizer, config.policy_update
+    train.epochs x train.mini_batches x the policy update's inner updates per step."""
+    opt, pu, tr = config.optimizer, config.policy_update, config.train
     per_step = updates.get(pu.name).updates_per_step(_group(pu))
-    total_updates = config.train.steps * config.train.mini_batches * per_step
+    total_updates = tr.steps * tr.epochs * tr.mini_batches * per_step
     if opt.schedule == "constant" and not opt.warmup_steps:
         return opt.lr
     decay = max(total_updates - opt.warmup_steps, 1)

@@ -153,11 +153,13 @@ def validate(config: Any) -> None:
     for k in ev.pass_k:
         _check(1 <= k <= ev.n_samples, "eval.pass_k", ev.pass_k, "each k must be in [1, n_samples]")
     _check(ev.temperature >= 0, "eval.temperature", ev.temperature, "must be >= 0 (0 = greedy)")
+    _check(0 < ev.top_p <= 1, "eval.top_p", ev.top_p, "must be in (0, 1]")
     _check(ev.max_problems >= 0, "eval.max_problems", ev.max_problems, "must be >= 0 (0 = all)")
     _check(ev.every >= 0, "eval.every", ev.every, "must be >= 0 (0 = only at the end)")
     # train
     _check(tr.steps >= 0, "train.steps", tr.steps, "must be >= 0")
     _check(tr.mini_batches >= 1, "train.mini_batches", tr.mini_batches, "must be >= 1")
+    _check(tr.epochs >= 1, "train.epochs", tr.epochs, "must be >= 1")
     _check(
         r.prompts_per_step % tr.mini_batches == 0,
         "train.mini_batches",

@@ -122,13 +122,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.n_samples = 4  # responses per problem (avg pass@1 over them)
     c.eval.pass_k = (1, 4)
     c.eval.temperature = 1.0  # 0 = greedy (then n_samples = 1 makes sense)
+    c.eval.top_p = 1.0  # nucleus sampling at evaluation only (the GXPO authors: 0.7)
     c.eval.max_new_tokens = 3072
     c.eval.max_problems = 0  # per benchmark; 0 = all
     c.eval.prompts_per_batch = 64  # prompts sampled together
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300
-    c.train.mini_batches = 1  # optimizer updates per rollout batch
+    c.train.mini_batches = 1  # optimizer updates per rollout batch and epoch
+    # Passes over each rollout batch (PPO epochs): every pass after the first takes the
+    # mini-batches in a new order of whole prompt groups, drawn from (seed, step, epoch).
+    c.train.epochs = 1
     # Gradient accumulation: each mini-batch's gradients (g0 and every probe's) are summed over
     # this many micro-batches, one in memory at a time; the update is the same.
     c.train.micro_batches = 1

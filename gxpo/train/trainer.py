@@ -120,6 +120,7 @@ class Trainer:
             max_new_tokens=c.eval.max_new_tokens,
             num_samples=c.eval.n_samples,
             temperature=c.eval.temperature,
+            top_p=c.eval.top_p,
         )
         self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
         self._logprobs_fn = mesh_lib.on_mesh(self.mesh, loss_lib.batch_logprobs)
@@ -323,8 +324,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ update
 
-    def _mini_batches(self, batch: loss_lib.Batch) -> list[loss_lib.Batch]:
-        M = self.config.train.mini_batches
+    def _mini_batches(self, batch: loss_lib.Batch, step: int, epoch: int) -> list[loss_lib.Batch]:
+        """The epoch's mini-batches: the first epoch in rollout order, each later one in an
+        order of whole prompt groups that depends on (seed, step, epoch) only, so a resumed
+        run draws the same."""
+        c = self.config
+        M, G = c.train.mini_batches, c.rollout.responses_per_prompt
+        if epoch:
+            Q = batch.tokens.shape[0] // G
+            order_Q = np.random.default_rng([c.train.seed, step, epoch]).permutation(Q)
+            rows_B = (order_Q[:, None] * G + np.arange(G)).reshape(-1)
+            batch = jax.tree.map(lambda x: x[rows_B], batch)
         if M == 1:
             return [batch]
         size = batch.tokens.shape[0] // M
@@ -332,15 +342,17 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One rollout batch and its policy updates; returns the step's metrics."""
-        t0 = time.perf_counter()
+        t0, step = time.perf_counter(), self.step
         examples = next(self.train_iter)
-        batch, metrics = self.rollout(examples, jax.random.fold_in(self.rollout_key, self.step))
+        batch, metrics = self.rollout(examples, jax.random.fold_in(self.rollout_key, step))
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
         state, per_update = self.state, []
-        for mini in self._mini_batches(batch):
-            state, m = self.update(state, self.frozen, jax.device_put(mini, self.batch_sharding))
-            per_update.append(m)
+        for epoch in range(self.config.train.epochs):
+            for mini in self._mini_batches(batch, step, epoch):
+                mini = jax.device_put(mini, self.batch_sharding)
+                state, m = self.update(state, self.frozen, mini)
+                per_update.append(m)
         per_update = jax.device_get(per_update)
         t2 = time.perf_counter()
         self.state = advance(

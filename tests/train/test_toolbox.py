@@ -1,0 +1,109 @@
+"""The GRPO trainer's toolbox on a tiny random model: PPO epochs, truncated responses out of the
+loss, and the loss options reaching the update (the math itself: tests/rl/test_grpo.py)."""
+
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gxpo.rl.rewards import RewardStats
+from gxpo.train.builders import check
+from gxpo.train.logging import read_jsonl
+from gxpo.train.trainer import Trainer
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from train.test_trainer import _config, _fake_rewards  # noqa: E402
+
+
+def _alternating_rewards(trainer):
+    """Rewards 1, 0, 1, 0, ...: every group of the batch has a nonzero advantage."""
+
+    def score_batch(texts, refs, kinds, format_reward=0.0):
+        return np.arange(len(texts)) % 2 == 0, RewardStats(count=len(texts))
+
+    trainer.scorer.score_batch = score_batch
+    return trainer
+
+
+def test_a_second_epoch_binds_the_clip(tmp_path):
+    """One mini-batch, one epoch: every ratio is 1, nothing clips. A second pass over the same
+    batch is off-policy, and with a large step the clip binds."""
+    c = _config("grpo", steps=2, mini_batches=1, checkpoint_every=0)
+    c.optimizer.lr = 0.5
+    c.loss.clip_eps_low = c.loss.clip_eps_high = 0.01
+    c.eval.every, c.eval.at_start = 0, False
+    c.data.eval = ()
+    trainer = _alternating_rewards(Trainer(c, tmp_path))
+    first = trainer.train_step()
+    trainer.config.unlock()  # the second step takes two passes over its batch
+    trainer.config.train.epochs = 2
+    second = trainer.train_step()
+    assert first["clip_frac"] == 0.0 and first["approx_kl_old"] == 0.0
+    assert second["clip_frac"] > 0.0 and second["approx_kl_old"] != 0.0
+    assert second["backward_passes"] - first["backward_passes"] == 2  # GRPO: one per pass
+
+
+def test_later_epochs_shuffle_whole_groups_by_seed_and_step(tmp_path):
+    c = _config("grpo", mini_batches=2, epochs=3)
+    trainer = Trainer(c, tmp_path)
+    G = c.rollout.responses_per_prompt
+    B = c.rollout.prompts_per_step * G
+    rows = np.arange(B)
+    batch = jax.tree.map(lambda _: rows, trainer.batch_sharding)  # row ids stand in for a batch
+    orders = [
+        np.concatenate([m.tokens for m in trainer._mini_batches(batch, 0, e)]) for e in range(3)
+    ]
+    np.testing.assert_array_equal(orders[0], rows)  # the first epoch: rollout order
+    for order in orders:
+        assert sorted(order) == list(rows)
+        groups = order.reshape(-1, G)
+        assert (groups == groups[:, :1] + np.arange(G)).all()  # groups stay whole, in order
+    again = [
+        np.concatenate([m.tokens for m in trainer._mini_batches(batch, 0, e)]) for e in range(3)
+    ]
+    np.testing.assert_array_equal(np.stack(orders), np.stack(again))
+
+
+def test_truncated_responses_leave_the_loss(tmp_path):
+    c = _config("grpo")
+    c.loss.mask_truncated = True
+    trainer = Trainer(c, tmp_path)
+    examples = next(trainer.train_iter)
+    samples = trainer._sample(examples, jax.random.key(3), trainer.rollout_sampling, own_rows=True)
+    rewards = np.ones(len(samples.lengths_B), np.float32)
+    batch = trainer.make_batch(samples, rewards)
+    A = c.rollout.max_new_tokens
+    last = np.asarray(samples.out.tokens[:, -1])
+    truncated = (samples.lengths_B == A) & ~np.isin(last, trainer.eos_ids)
+    assert truncated.any()  # a random model rarely stops; the test needs a cut response
+    kept = np.asarray(batch.response_mask).any(axis=1)
+    np.testing.assert_array_equal(kept, ~truncated)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("loss.advantage_std", "sample"), ("loss.importance_level", "group"),
+     ("loss.entropy_coef", -1.0), ("train.epochs", 0), ("eval.top_p", 0.0)],
+)  # fmt: skip
+def test_bad_toolbox_values_name_the_field(field, value):
+    c = _config()
+    group, key = field.split(".")
+    c[group][key] = value
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        check(c)
+
+
+def test_entropy_bonus_and_sequence_ratio_reach_the_update(tmp_path):
+    c = _config("grpo", steps=1, mini_batches=1, checkpoint_every=0)
+    c.loss.entropy_coef = 0.5
+    c.loss.importance_level = "sequence"
+    c.eval.every, c.eval.at_start = 0, False
+    c.data.eval = ()
+    trainer = _fake_rewards(Trainer(c, tmp_path))
+    trainer.run()
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    # loss = pg + kl_coef * kl - 0.5 * entropy (token-mean): the bonus is in the logged loss.
+    want = row["pg_loss"] + c.loss.kl_coef * row["kl_ref"] - 0.5 * row["entropy"]
+    np.testing.assert_allclose(row["loss"], want, rtol=1e-4, atol=1e-6)
