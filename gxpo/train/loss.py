@@ -45,7 +45,7 @@ BATCH_RANKS = Batch(tokens=2, mask=2, response_mask=2, advantages=1, old_logp=2,
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """The GRPO loss's settings (GXPO.md, "GRPO loss and advantages"); static under jit."""
+    """The GRPO loss's settings (docs/algorithms.md, "GRPO loss"); static under jit."""
 
     temperature: float = 1.0
     clip_eps_low: float = 0.2

@@ -1,4 +1,5 @@
-"""The rolling z-score gate, alone and inside gxpo / sfpo (GXPO.md, "The shutoff gate")."""
+"""The rolling z-score gate, alone and inside gxpo / sfpo (docs/algorithms.md, "The shutoff
+gate")."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""GXPO against its definition (GXPO.md): exactness, a plain re-implementation,
+"""GXPO against its definition (docs/algorithms.md): exactness, a plain re-implementation,
 fallback, argument checks, and compile counts."""
 
 import jax
@@ -53,7 +53,7 @@ def test_corollary2_t_steps_are_t_times_k_plus_1_gd_steps(k):
         assert _rel_err(params, gd) < 1e-10
 
 
-# --- A plain re-implementation of GXPO.md, coordinate by coordinate ---------------------------
+# --- A plain re-implementation of docs/algorithms.md, coordinate by coordinate ----------------
 
 
 def _loss(p, data):
@@ -73,7 +73,7 @@ def _loss(p, data):
 
 
 def _reference_gxpo(inner, params, state0, data, k, alpha, thr, rclip, sclip, probe_state):
-    """GXPO.md's pseudo-code, literally, on flat float64 NumPy vectors per leaf."""
+    """docs/algorithms.md's pseudo-code, literally, on flat float64 NumPy vectors per leaf."""
     grad = jax.grad(_loss)
     g0 = grad(params, data)
     u0, s1 = inner.update(g0, state0, params)

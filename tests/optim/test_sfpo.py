@@ -1,4 +1,4 @@
-"""SFPO against its definition (GXPO.md, "SFPO")."""
+"""SFPO against its definition (docs/algorithms.md, "SFPO")."""
 
 import jax
 import jax.numpy as jnp
