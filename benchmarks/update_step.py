@@ -57,6 +57,7 @@ class Variant:
     depth: int = 0  # its depth field (SFPO fast_steps, GXPO virtual_depth); 0 = the default
     gate_on: bool = True
     grad_evals: int = 1
+    group: tuple[tuple[str, Any], ...] = ()  # further fields of config.policy_update.<policy>
 
 
 VARIANTS = (
@@ -65,6 +66,8 @@ VARIANTS = (
     Variant("gxpo K=3", "gxpo", 3, grad_evals=3),
     Variant("gxpo K=5", "gxpo", 5, grad_evals=3),
     Variant("gxpo K=10", "gxpo", 10, grad_evals=3),
+    Variant("gxpo K=5 clip", "gxpo", 5, grad_evals=3, group=(("retention", "clipped_gradient"),)),
+    Variant("gxpo K=5 upd", "gxpo", 5, grad_evals=3, group=(("retention", "update"),)),
     Variant("gxpo K=5 off", "gxpo", 5, gate_on=False),
 )
 
@@ -195,6 +198,8 @@ def variant_config(variant: Variant, args: argparse.Namespace) -> ml_collections
     if variant.depth:
         depth_field = updates.get(variant.policy).depth_field
         c.policy_update[variant.policy][depth_field] = variant.depth
+    for field, value in variant.group:
+        c.policy_update[variant.policy][field] = value
     # The real gate, but one that cannot fire during a benchmark: the active variants stay active.
     c.policy_update.gate.warmup = 10**9
     return c
@@ -307,6 +312,8 @@ def ratios_line(results: list[Result], cpu: bool = False) -> str:
 
     return (
         f"gxpo_over_grpo={ratio('gxpo K=5', 'grpo')} "
+        f"gxpo_clipped_over_grpo={ratio('gxpo K=5 clip', 'grpo')} "
+        f"gxpo_update_over_grpo={ratio('gxpo K=5 upd', 'grpo')} "
         f"gxpo_over_sfpo3={ratio('gxpo K=5', 'sfpo K=3')} "
         f"gxpo_off_over_grpo={ratio('gxpo K=5 off', 'grpo')}"
     )

@@ -14,6 +14,7 @@ from gxpo.optim._checks import argument_error, is_real, is_traced
 from gxpo.optim.gate import GateState, ZScoreGate
 
 GradFn = Callable[[optax.Params], optax.Updates]
+AuxGradFn = Callable[[optax.Params], tuple[optax.Updates, Any]]  # params -> (grads, aux)
 
 
 def check_common(
@@ -62,6 +63,35 @@ def resolve_grad_fn(
     return lambda p: grad(p, **extra_args)
 
 
+def resolve_aux_grad_fn(
+    owner: str,
+    loss_fn: Callable[..., Any] | None,
+    has_aux: bool,
+    aux_grad_fn: AuxGradFn | None,
+    extra_args: dict[str, Any],
+) -> AuxGradFn:
+    """The oracle `params -> (grads, aux)` for the corrective point when the gate's statistic
+    reads the loss's aux output: `aux_grad_fn` if given, else grad of a `has_aux` loss_fn."""
+    if aux_grad_fn is not None:
+        return aux_grad_fn
+    if loss_fn is None or not has_aux:
+        rule = (
+            "(params -> (grads, aux)) must be given to update when the gate's `statistic` reads "
+            f"the loss's aux output and {owner}(...) has no `loss_fn` with has_aux=True"
+        )
+        raise argument_error(owner, "aux_grad_fn", rule, aux_grad_fn)
+    grad = jax.grad(loss_fn, has_aux=True)
+    return lambda p: grad(p, **extra_args)
+
+
+def corrective_gradient(grad: GradFn, aux_grad: AuxGradFn | None, theta: Any) -> tuple[Any, Any]:
+    """(grads, aux) at the corrective point: `aux_grad` where the gate's statistic reads the
+    aux output (else None), the plain gradient oracle otherwise (aux None)."""
+    if aux_grad is not None:
+        return aux_grad(theta)
+    return grad(theta), None
+
+
 # Diagnostics are float32 whatever the leaves' dtype: bf16 leaves are summed in float32, and the
 # two branches of the gate's `lax.cond` must agree on dtypes (so float64 leaves are cast down).
 
@@ -96,24 +126,47 @@ def init_gate(gate: ZScoreGate | None) -> GateState | optax.EmptyState:
 
 
 def observe_gate(
-    gate: ZScoreGate | None, state: GateState | optax.EmptyState, value: jax.Array, ok: jax.Array
-) -> tuple[GateState | optax.EmptyState, jax.Array]:
-    """The gate after an active step observed `value` (unchanged if the step fell back, `ok`
-    false), and the value's z-score (0 without a gate, or on fallback)."""
+    gate: ZScoreGate | None,
+    state: GateState | optax.EmptyState,
+    corrective_norm: jax.Array,
+    aux: Any,
+    ok: jax.Array,
+) -> tuple[GateState | optax.EmptyState, jax.Array, jax.Array]:
+    """The gate after an active step (unchanged if the step fell back, `ok` false), the value
+    of its statistic and the value's z-score (both 0 without a gate; z 0 on fallback)."""
     if gate is None:
-        return state, jnp.zeros((), jnp.float32)
+        zero = jnp.zeros((), jnp.float32)
+        return state, zero, zero
+    value = gate.observed_value(corrective_norm, aux)
     observed, z = gate.update(state, value)
-    return optax.tree.where(ok, observed, state), jnp.where(ok, z, 0.0)
+    return optax.tree.where(ok, observed, state), value, jnp.where(ok, z, 0.0)
+
+
+def idle_gate(
+    gate: ZScoreGate | None, state: GateState | optax.EmptyState
+) -> GateState | optax.EmptyState:
+    """The gate after a plain step (a temporary gate counts its way back on)."""
+    return state if gate is None else gate.idle(state)
+
+
+def healthy_initial(g0_norm: jax.Array, min_initial_norm: float | None) -> jax.Array | None:
+    """Whether ||g0|| is finite and above `min_initial_norm` (None: no check)."""
+    if min_initial_norm is None:
+        return None
+    return jnp.isfinite(g0_norm) & (g0_norm > min_initial_norm)
 
 
 def gated(
     gate: ZScoreGate | None,
     state: GateState | optax.EmptyState,
+    healthy: jax.Array | None,
     active: Callable[[], Any],
     plain: Callable[[], Any],
 ) -> Any:
-    """`active()` while the gate is on, else `plain()`; a `lax.cond`, so once the gate is off the
-    active branch (every probe gradient) is not evaluated at all."""
-    if gate is None:
+    """`active()` while the gate is on and g0 is `healthy` (None: always), else `plain()`; a
+    `lax.cond`, so a plain step evaluates no probe gradient at all."""
+    on = None if gate is None else state.on
+    if on is None and healthy is None:
         return active()
-    return jax.lax.cond(state.on, active, plain)
+    pred = on if healthy is None else (healthy if on is None else on & healthy)
+    return jax.lax.cond(pred, active, plain)

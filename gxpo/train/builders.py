@@ -34,6 +34,9 @@ from gxpo.train.loss import LossConfig, policy_loss
 from gxpo.train.step import LossFn, make_update_step
 
 # The combinators' argument errors: "owner: `argument` rule, got value."
+# The loss's scalar metrics (gxpo.rl.grpo.grpo_loss) a gate may watch at the corrective point.
+LOSS_METRICS = ("entropy", "loss", "pg_loss", "clip_frac", "approx_kl_old", "kl_ref")
+
 _ARGUMENT_ERROR = re.compile(
     r"(?P<owner>\w+):\s*`(?P<arg>\w+)`\s*(?P<rule>.*?)(?:,\s*got .*)?\.?", re.S
 )
@@ -145,7 +148,23 @@ def inner_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
 def gate(config: ml_collections.ConfigDict) -> ZScoreGate | None:
     """`config.policy_update.gate` as a `ZScoreGate`, or None when disabled."""
     g = config.policy_update.gate
-    return ZScoreGate(g.window, g.warmup, float(g.threshold)) if g.enabled else None
+    if not g.enabled:
+        return None
+    if g.statistic != "corrective_norm" and g.statistic not in LOSS_METRICS:
+        raise ValueError(
+            f"config.policy_update.gate.statistic={g.statistic!r}: allowed values are "
+            f"'corrective_norm' or a metric of the loss {LOSS_METRICS} (e.g. 'entropy')"
+        )
+    return ZScoreGate(
+        g.window,
+        g.warmup,
+        float(g.threshold),
+        patience=g.patience,
+        fallback=g.fallback,
+        rearm_after=g.rearm_after,
+        max_active_steps=g.max_active_steps or None,
+        statistic="corrective_norm" if g.statistic == "corrective_norm" else ("aux", g.statistic),
+    )
 
 
 def policy_update(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
@@ -158,8 +177,9 @@ def policy_update(config: ml_collections.ConfigDict) -> optax.GradientTransforma
     entry = updates.get(pu.name)
     group = _group(pu)
     the_gate = gate(config)
+    settings = {f: config.optimizer[f] for f in entry.optimizer_fields}
     try:
-        return entry.factory(inner_optimizer(config), the_gate, **group)
+        return entry.factory(inner_optimizer(config), the_gate, **group, **settings)
     except ValueError as e:
         raise _config_error(e, config, pu.name, group, the_gate) from None
 

@@ -95,6 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.policy_update.gate.window = 30
     c.policy_update.gate.warmup = 30
     c.policy_update.gate.threshold = 2.0
+    c.policy_update.gate.patience = 1  # consecutive z > threshold that shut off (the authors: 3)
+    c.policy_update.gate.fallback = "permanent"  # | "temporary": re-arm after rearm_after steps
+    c.policy_update.gate.rearm_after = 10
+    c.policy_update.gate.max_active_steps = 0  # cap on extrapolating steps; 0 = none
+    # What the gate watches: "corrective_norm" (the paper) or a loss metric at the corrective
+    # point, e.g. "entropy" (the authors); the first `warmup` values never fire, then are dropped.
+    c.policy_update.gate.statistic = "corrective_norm"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.lr = 1e-6

@@ -7,6 +7,7 @@ Shapes: the key in `gxpo.models.config`.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -78,6 +79,16 @@ def accumulated_value_and_grad(
     return metrics, grads
 
 
+def _accepts_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` takes the keyword `name` by name (a policy update registered by a user may
+    take only `grad_fn`; passing it more would break it)."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters
+
+
 def make_update_step(
     tx: optax.GradientTransformationExtraArgs,
     loss_fn: LossFn,
@@ -92,13 +103,17 @@ def make_update_step(
 
     g0 = grad(loss_fn) at `state.trainable` (the one backward pass GRPO has), then
     `tx.update(g0, ..., grad_fn=...)`: a policy update that evaluates more gradients (GXPO,
-    SFPO) gets them from `grad_fn`, on the same batch. With `micro_batches > 1` every gradient,
+    SFPO) gets them from `grad_fn`, on the same batch; one whose `update` names an
+    `aux_grad_fn` keyword also gets `aux_grad_fn` (params -> (grads, the loss's metrics)), which
+    a gate watching e.g. the entropy reads. With `micro_batches > 1` every gradient,
     g0 and the probes', is accumulated over that many micro-batches of whole groups of
     `group_size` rows (the memory of one micro-batch, the update of the whole batch). The
     policy update's diagnostics (`optax.tree.get(opt_state, "info")`, a NamedTuple) come back
     as `<info_prefix>/<field>`; `grad_evals` (its count, else 1) is added to
     `state.backward_passes`. `jit_kwargs` (e.g. in/out shardings) go to `jax.jit`.
     """
+
+    takes_aux = _accepts_keyword(tx.update, "aux_grad_fn")
 
     def value_and_grad(params, batch, frozen):
         if micro_batches == 1:
@@ -121,9 +136,14 @@ def make_update_step(
         if micro_batches == 1:  # a gradient only: the loss's value is left out of the program
             grad = jax.grad(loss_fn, has_aux=True)
             grad_fn = lambda p: grad(p, batch=batch, frozen=frozen)[0]
+            aux_grad_fn = lambda p: grad(p, batch=batch, frozen=frozen)
         else:
             grad_fn = lambda p: value_and_grad(p, batch, frozen)[1]
-        updates, opt_state = tx.update(g0, state.opt_state, state.trainable, grad_fn=grad_fn)
+            aux_grad_fn = lambda p: value_and_grad(p, batch, frozen)[::-1]
+        oracles = dict(grad_fn=grad_fn)
+        if takes_aux:  # (grads, the loss's metrics): for a gate that watches e.g. the entropy
+            oracles["aux_grad_fn"] = aux_grad_fn
+        updates, opt_state = tx.update(g0, state.opt_state, state.trainable, **oracles)
         metrics = dict(metrics, grad_norm=optax.global_norm(g0))
         info = optax.tree.get(opt_state, "info")
         if info is not None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import optax
 
-from gxpo.optim import ZScoreGate, gxpo, sfpo
+from gxpo.optim import ZScoreGate, adamw_direction, gxpo, sfpo
 
 # (inner, gate, **config group) -> the policy update
 Factory = Callable[..., optax.GradientTransformationExtraArgs]
@@ -52,6 +52,9 @@ class PolicyUpdate:
         the optimizer state (gradients, probe points, moment copies): the memory estimate's.
       depth_field: the group field that `<name><K>` method names set in
         `gxpo.experiments.compare` (None: the method name is `<name>` alone).
+      optimizer_fields: fields of `config.optimizer` the factory also receives, as keyword
+        arguments of the same names (e.g. GXPO's update-space retention needs the learning
+        rate and weight decay).
     """
 
     name: str
@@ -60,6 +63,7 @@ class PolicyUpdate:
     inner_updates: int | Callable[..., int] = 1
     step_buffers: int = 4
     depth_field: str | None = None
+    optimizer_fields: tuple[str, ...] = ()
 
     def updates_per_step(self, group: Mapping[str, Any]) -> int:
         """Inner-optimizer updates of one active step with these group fields."""
@@ -115,12 +119,52 @@ def _grpo(inner: optax.GradientTransformation, gate: ZScoreGate | None):
     return optax.with_extra_args_support(inner)
 
 
-def _sfpo(inner: optax.GradientTransformation, gate: ZScoreGate | None, **group: Any):
-    return sfpo(inner, gate=gate, **group)
+def _min_norm(value: float) -> float | None:
+    return None if value == 0 else value  # config: 0 = off (the paper)
 
 
-def _gxpo(inner: optax.GradientTransformation, gate: ZScoreGate | None, **group: Any):
-    return gxpo(inner, gate=gate, **group)
+def _sfpo(
+    inner: optax.GradientTransformation,
+    gate: ZScoreGate | None,
+    *,
+    min_initial_norm: float,
+    **group: Any,
+):
+    return sfpo(inner, gate=gate, min_initial_norm=_min_norm(min_initial_norm), **group)
+
+
+def _gxpo(
+    inner: optax.GradientTransformation,
+    gate: ZScoreGate | None,
+    *,
+    min_initial_norm: float,
+    retention: str,
+    lr: float,
+    weight_decay: float,
+    grad_clip: float,
+    **group: Any,
+):
+    # The inner optimizer is AdamW (gxpo.train.builders.inner_optimizer): its update direction
+    # is the update itself without weight decay, else adamw_direction removes lr and the decay
+    # (exact for a constant learning rate; under a schedule it divides by the peak rate).
+    direction = None
+    if retention == "update" and weight_decay > 0:
+        direction = adamw_direction(lr, weight_decay)
+    if retention == "clipped_gradient" and not grad_clip > 0:
+        raise ValueError(
+            f"config.optimizer.grad_clip={grad_clip!r}: policy_update.gxpo.retention="
+            "'clipped_gradient' measures r on the clipped gradients; set a clip > 0 (e.g. 1.0) "
+            "or another retention"
+        )
+    return gxpo(
+        inner,
+        gate=gate,
+        min_initial_norm=_min_norm(min_initial_norm),
+        retention=retention,
+        grad_clip=grad_clip if grad_clip > 0 else None,
+        update_direction=direction,
+        **group,
+    )
 
 
 register(PolicyUpdate(name="grpo", factory=_grpo))
@@ -131,6 +175,8 @@ register(
         defaults={
             "fast_steps": 3,  # K
             "reposition": 0.8,  # alpha
+            # ||g0|| non-finite or <= this: the plain step, not shown to the gate; 0 = off
+            "min_initial_norm": 0.0,
         },
         inner_updates=lambda fast_steps, **_: fast_steps + 1,
         step_buffers=8,
@@ -147,11 +193,18 @@ register(
             "active_threshold": 1e-3,
             "ratio_clip": (-2.0, 3.0),
             "scale_clip": (1.0, None),  # None = K/2 + 1
-            "probe_state": "keep",  # "keep" (paper) | "restore"
+            "probe_state": "keep",  # "keep" (paper) | "restore" (the authors)
+            # r from "gradient" (paper) | "clipped_gradient" | "update" (the authors: AdamW's
+            # update directions; lr and weight decay come from config.optimizer)
+            "retention": "gradient",
+            # ||g0|| non-finite or <= this: the plain step, not shown to the gate; 0 = off
+            # (the paper; the authors: 1e-8)
+            "min_initial_norm": 0.0,
         },
         # "keep": both probes' inner steps count; "restore" rewinds them.
         inner_updates=lambda probe_state, **_: 3 if probe_state == "keep" else 1,
         step_buffers=12,
         depth_field="virtual_depth",
+        optimizer_fields=("lr", "weight_decay", "grad_clip"),
     )
 )

@@ -10,8 +10,8 @@ import pytest
 from gxpo.optim import ZScoreGate, gxpo, sfpo
 
 
-def test_zscore_matches_numpy_on_the_rolling_window():
-    gate = ZScoreGate(window=4, warmup=6, threshold=2.0)
+def test_zscore_matches_numpy_on_the_preceding_window():
+    gate = ZScoreGate(window=4, warmup=0, threshold=2.0)
     state = gate.init()
     # The gate's float32 inputs; the reference computes on them in float64.
     values = np.float32([1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.0, 1.08]).astype(np.float64)
@@ -19,8 +19,8 @@ def test_zscore_matches_numpy_on_the_rolling_window():
     for i, v in enumerate(values):
         past = values[max(0, i - 4) : i]
         state, z = gate.update(state, jnp.float32(v))
-        if i == 0:
-            assert float(z) == 0.0  # an empty buffer scores 0
+        if i < 4:
+            assert float(z) == 0.0  # a value is scored only against a full preceding window
         else:
             want = (v - past.mean()) / (past.std() + 1e-8)
             # The gate is float32 by design: mu and v - mu carry (n + 1) eps32 max|x| of
@@ -36,9 +36,10 @@ def test_warmup_then_upward_jump_shuts_off_for_good_and_downward_never():
     gate = ZScoreGate(window=5, warmup=5, threshold=2.0)
     state = gate.init()
     noise = [1.0, 1.1, 0.9, 1.05, 0.95]
-    for v in [100.0, 1.0, 1.1, 0.9, 1.0]:  # a jump inside warm-up is only recorded
-        state, _ = gate.update(state, jnp.float32(v))
-        assert bool(state.on)
+    for v in [100.0, 1.0, 1.1, 0.9, 1.0]:  # a jump inside warm-up never fires, then is dropped
+        state, z = gate.update(state, jnp.float32(v))
+        assert bool(state.on) and float(z) == 0.0
+    assert int(state.filled) == 0 and not np.any(np.asarray(state.values))
     for v in noise + [0.01, 1e-6]:  # downward jumps: z << 0, stays on
         state, _ = gate.update(state, jnp.float32(v))
         assert bool(state.on)
@@ -60,7 +61,7 @@ def test_after_shutoff_update_is_inner_update_bit_for_bit_with_no_loss_evaluatio
         return scale * jnp.sum(jnp.cosh(p))
 
     inner = optax.adamw(0.01)
-    gate = ZScoreGate(window=4, warmup=4, threshold=2.0)
+    gate = ZScoreGate(window=4, warmup=2, threshold=2.0)
     make = gxpo if combinator == "gxpo" else sfpo
     tx = make(inner, loss, gate=gate)
     per_step = 2 if combinator == "gxpo" else 3  # loss evaluations while active
@@ -69,7 +70,7 @@ def test_after_shutoff_update_is_inner_update_bit_for_bit_with_no_loss_evaluatio
     state = tx.init(params)
     update = jax.jit(tx.update)
     grad = jax.jit(jax.grad(lambda p, s: s * jnp.sum(jnp.cosh(p))))
-    scales = [1.0, 1.01, 0.99, 1.0, 1.02, 0.1, 1.0, 50.0]  # warm-up, a dip, then a jump
+    scales = [1.0, 1.01, 1.0, 1.02, 0.98, 1.0, 0.1, 50.0]  # warm-up, a window, a dip, a jump
     for i, scale in enumerate(scales):
         calls.clear()
         s = jnp.float32(scale)
@@ -100,8 +101,26 @@ def test_after_shutoff_update_is_inner_update_bit_for_bit_with_no_loss_evaluatio
         ("window", 0, "must be an int >= 1"),
         ("window", 2.0, "must be an int >= 1"),
         ("window", True, "must be an int >= 1"),
-        ("warmup", 0, "must be an int >= 1"),
-        ("warmup", "30", "must be an int >= 1"),
+        ("warmup", -1, "must be an int >= 0"),
+        ("warmup", "30", "must be an int >= 0"),
+        ("patience", 0, "must be an int >= 1"),
+        ("patience", 1.0, "must be an int >= 1"),
+        ("fallback", "once", "must be one of ('permanent', 'temporary')"),
+        ("rearm_after", 0, "must be an int >= 1"),
+        ("max_active_steps", 0, "must be an int >= 1 or None"),
+        ("max_active_steps", 2.5, "must be an int >= 1 or None"),
+        (
+            "statistic",
+            "entropy",
+            "must be 'corrective_norm', ('aux', <key of the loss's aux mapping>) or a callable "
+            "aux -> scalar",
+        ),
+        (
+            "statistic",
+            ("aux", 3),
+            "must be 'corrective_norm', ('aux', <key of the loss's aux mapping>) or a callable "
+            "aux -> scalar",
+        ),
         ("threshold", 0.0, "must be a number > 0"),
         ("threshold", -1.0, "must be a number > 0"),
         ("threshold", float("nan"), "must be a number > 0"),
@@ -121,5 +140,7 @@ def test_bad_fields_raise_with_the_field_name(field, value, rule):
 
 
 def test_good_fields_pass():
-    ZScoreGate(window=1, warmup=1, threshold=np.float32(0.5)).validate()
-    ZScoreGate(window=30, warmup=50, threshold=3).validate()
+    ZScoreGate(window=1, warmup=0, threshold=np.float32(0.5)).validate()
+    ZScoreGate(window=30, warmup=50, threshold=3, patience=3, fallback="temporary").validate()
+    ZScoreGate(max_active_steps=150, statistic=("aux", "entropy")).validate()
+    ZScoreGate(statistic=lambda aux: aux["entropy"]).validate()
