@@ -11,6 +11,15 @@ over the four (FSDP); `:h100x1` is one 80 GB GPU with the same protocol (more mi
 sampling chunks). Both presets were sized by `gxpo.train.memory`'s estimate to 68 GiB per GPU
 (`gxpo.train.defaults.set_hardware`), not on the hardware itself.
 
+The GXPO authors' variant: `--config=configs/qwen2p5_7b.py:h100x4,authors` (or `:h100x1,authors`)
+sets what their own code does where it differs from the paper's text, and their recipe
+(`gxpo.train.defaults.authors_recipe` lists every field: 64 prompts x 8 responses in 4 GXPO
+updates, the optimizer state restored for the corrective step, retention on AdamW's update
+directions, the entropy gate with patience 3 after a 50-step warm-up, no KL, entropy bonus 1e-3,
+weight decay 0.01, evaluation at top-p 0.7, 400 steps); they ship no launcher for this model (their 7B
+runs use Qwen2.5-Math-7B-Instruct: configs/qwen2p5_math_7b.py), so the recipe's common
+values apply.
+
 Expected result and run time: not measured. Nothing has run this config to completion (no such GPUs
 at hand), so there is no accuracy or wall-clock figure for it; a run writes avg pass@1 on Math-500,
 AMC23, GSM8K, Minerva Math and OlympiadBench to eval.jsonl in its work directory. Nothing of it has
@@ -27,8 +36,11 @@ HARDWARE = {  # sized by gxpo.train.memory's estimate: 5 rows per GPU per micro-
     "h100x1": dict(data=1, micro_batches=128, sample_chunks=4),
 }
 
+# The authors' per-model values (`:<hardware>,authors`), on top of their common recipe.
+AUTHORS = {}
 
-def get_config(hardware: str = "h100x4"):
+
+def get_config(arg: str = "h100x4"):
     c = base_config()  # the paper's protocol: see gxpo/train/defaults.py
     c.model.path = "Qwen/Qwen2.5-7B-Instruct"  # or a local checkpoint directory
-    return set_hardware(c, HARDWARE, hardware)
+    return set_hardware(c, HARDWARE, arg, authors=AUTHORS)

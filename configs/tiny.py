@@ -17,10 +17,10 @@ Run time: 45 CPU seconds, almost all of it compiling (1 min 42 s of wall clock o
 2-core CPU beside other jobs, at a load average of 8.6).
 """
 
-from gxpo.train.defaults import base_config
+from gxpo.train.defaults import apply_variants, base_config
 
 
-def get_config():
+def get_config(arg: str = ""):
     c = base_config()
     c.model.path = ""  # random init
     c.model.preset = "tiny"
@@ -47,4 +47,4 @@ def get_config():
     c.train.steps = 3
     c.train.checkpoint_every = 2
     c.train.quiet = True
-    return c
+    return apply_variants(c, arg)  # `:authors`: gxpo.train.defaults.authors_recipe

@@ -156,16 +156,110 @@ HARDWARE = {
     "h100x4": "4 x H100 80GB on one host (the paper's setup)",
     "h100x1": "one 80 GB GPU",
 }
+# Variants a config argument may add after a comma: `--config=configs/<model>.py:<hw>,authors`.
+VARIANTS = {"authors": "the GXPO authors' code and recipe (`authors_recipe`)"}
+
+
+def parse_config_arg(arg: str | None, hardware: tuple[str, ...] = ()) -> tuple[str, set[str]]:
+    """`"h100x1,authors"` -> ("h100x1", {"authors"}): the config argument's hardware (the
+    first of `hardware` when none is named; "" for a config without hardware presets) and its
+    variants. Raises ValueError naming what is allowed."""
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    chosen = [p for p in parts if p in hardware]
+    variants = {p for p in parts if p in VARIANTS}
+    unknown = [p for p in parts if p not in hardware and p not in VARIANTS]
+    if unknown or len(chosen) > 1:
+        allowed = ", ".join([*(f"{h} ({HARDWARE[h]})" for h in hardware), *VARIANTS])
+        raise ValueError(
+            f"config argument {arg!r}: allowed parts are {allowed}, at most one hardware, "
+            "comma-separated after the file name, as in --config=configs/<model>.py:"
+            f"{','.join([*hardware[:1], 'authors'])}"
+        )
+    return (chosen[0] if chosen else (hardware[0] if hardware else "")), variants
+
+
+def authors_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Sets what the GXPO authors' own code does where it differs from the paper's text, and
+    their training recipe (docs/algorithms.md, "The authors' code"; their public verl fork,
+    GitHub SwapniL-afk-now/final-gxpo, `Code/SFPO/experiments/gxpo_efficiency/common.sh`):
+
+    - 4 GXPO updates per rollout batch (`train.mini_batches = 4`, one epoch, no shuffling);
+    - the corrective step restores the optimizer state (`policy_update.gxpo.probe_state`);
+    - retention on AdamW's update directions (`policy_update.gxpo.retention = "update"`);
+    - a first gradient of norm <= 1e-8 (or non-finite) takes the plain step
+      (`policy_update.gxpo.min_initial_norm`);
+    - the gate watches the policy entropy at the corrective point, warm-up 50 (then the
+      window restarts), window 30, threshold 3.0, patience 3, permanent
+      (`policy_update.gate.*`);
+    - no KL term, an entropy bonus of 1e-3, unbiased group std, PPO clip 0.2, token-mean
+      (`loss.*`); AdamW with weight decay 0.01, betas (0.9, 0.999), clip 1.0 (`optimizer.*`);
+    - evaluation at temperature 1.0 with top-p 0.7, 4 samples (`eval.*`).
+
+    The model-specific values of their per-model launchers (K, alpha, threshold, a cap on
+    active steps, batch sizes) are the model configs' (e.g. configs/qwen2p5_math_7b.py). The
+    learning rate stays the config's; their schedule steps once per rollout batch, ours once
+    per inner update, which is the same for the constant schedule they use.
+    """
+    c.train.mini_batches = 4
+    c.train.epochs = 1
+    pu = c.policy_update
+    pu.gxpo.probe_state = "restore"
+    pu.gxpo.retention = "update"
+    pu.gxpo.min_initial_norm = 1e-8
+    pu.sfpo.min_initial_norm = 1e-8
+    pu.gate.enabled = True
+    pu.gate.statistic = "entropy"
+    pu.gate.warmup, pu.gate.window, pu.gate.threshold = 50, 30, 3.0
+    pu.gate.patience, pu.gate.fallback = 3, "permanent"
+    lo = c.loss
+    lo.kl_coef, lo.entropy_coef, lo.advantage_std = 0.0, 1e-3, "unbiased"
+    lo.clip_eps_low = lo.clip_eps_high = 0.2
+    lo.aggregation, lo.old_logprobs = "token-mean", "rollout"
+    opt = c.optimizer
+    opt.weight_decay, opt.b1, opt.b2, opt.grad_clip = 0.01, 0.9, 0.999, 1.0
+    c.eval.temperature, c.eval.top_p, c.eval.n_samples = 1.0, 0.7, 4
+    return c
+
+
+def apply_variants(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """For a config without hardware presets (`configs/smollm2_arith.py`, `configs/tiny.py`):
+    applies the variants its argument names (`--config=configs/smollm2_arith.py:authors`)."""
+    _, variants = parse_config_arg(arg)
+    if "authors" in variants:
+        authors_recipe(c)
+    return c
+
+
+def _micro_batches(c: ml_collections.ConfigDict, split: int, rows_per_device: float) -> int:
+    """The fewest micro-batches (whole prompt groups each) that put at most `rows_per_device`
+    rows of an update on each of the `split` data-parallel devices; else the most there are."""
+    r, mini = c.rollout, c.train.mini_batches
+    per_update = r.prompts_per_step // mini
+    valid = [m for m in range(1, per_update + 1) if per_update % m == 0]
+    for m in valid:
+        rows = per_update * r.responses_per_prompt // m
+        if rows % split == 0 and rows / split <= rows_per_device:
+            return m
+    return valid[-1]
 
 
 def set_hardware(
-    c: ml_collections.ConfigDict, presets: dict[str, dict], hardware: str
+    c: ml_collections.ConfigDict,
+    presets: dict[str, dict],
+    arg: str | None,
+    authors: dict | None = None,
 ) -> ml_collections.ConfigDict:
-    """Applies a GPU config's preset for `hardware` (a key of `HARDWARE`, chosen on the command
-    line as `--config=configs/<model>.py:<hardware>`): mesh axes, remat, micro-batches (gradient
+    """Applies a GPU config's argument, `--config=configs/<model>.py:<hardware>[,authors]`.
+
+    The hardware's preset (a key of `HARDWARE`): mesh axes, remat, micro-batches (gradient
     accumulation over 5 rows per GPU: activations and logits of 4096-token rows) and, where the
     KV cache needs it, prompts sampled in sequential chunks. The paper's protocol is kept on
     every hardware: 128 prompts x 5 responses and one optimizer update per step.
+
+    `authors`: `authors_recipe`, then the model's own values from the authors' per-model
+    launcher (`authors`: config paths -> values, e.g. {"policy_update.gxpo.virtual_depth": 10}),
+    the rollout batch of their recipe (64 prompts x 8 responses, unless the model's values say
+    otherwise) and micro-batches re-derived for the same rows per GPU.
 
     The presets come from `gxpo.train.memory.estimate_memory` at 4096 tokens per row with a
     68 GiB budget per GPU, the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92 (run
@@ -174,17 +268,34 @@ def set_hardware(
     (config.json, *.safetensors, tokenizer files). Evaluation: Math-500, AMC23, GSM8K, Minerva
     Math, OlympiadBench, avg pass@1 over 4 samples at temperature 1.0.
     """
-    if hardware not in presets:
-        raise ValueError(
-            f"hardware {hardware!r}: allowed values are {tuple(presets)} "
-            f"({', '.join(f'{k}: {HARDWARE[k]}' for k in presets)}); "
-            "pass it as --config=configs/<model>.py:<hardware>"
-        )
+    hardware, variants = parse_config_arg(arg, tuple(presets))
     p = presets[hardware]
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = p.get("data", -1), p.get("fsdp", 1), 1
     c.model.remat = True
     c.train.micro_batches = p["micro_batches"]
     c.rollout.sample_chunks = p.get("sample_chunks", 1)
+    if "authors" in variants:
+        split = p.get("data", 1) * p.get("fsdp", 1)
+        rows_per_device = c.rollout.prompts_per_step * c.rollout.responses_per_prompt
+        rows_per_device /= split * p["micro_batches"]
+        authors_recipe(c)
+        c.rollout.prompts_per_step, c.rollout.responses_per_prompt = 64, 8
+        c.train.steps = 400
+        for path, value in (authors or {}).items():
+            group, _, field = path.rpartition(".")
+            node = c
+            for part in group.split("."):
+                node = node[part]
+            node[field] = value
+        c.train.micro_batches = _micro_batches(c, split, rows_per_device)
+        # The same KV-cache rows per sampling call as the preset's, in whole prompts per device.
+        rows = c.rollout.prompts_per_step * c.rollout.responses_per_prompt
+        per_call = 640 / c.rollout.sample_chunks  # the preset's, for 128 x 5
+        q = c.rollout.prompts_per_step
+        c.rollout.sample_chunks = next(
+            k for k in range(1, q + 1) if q % k == 0 and (q // k) % split == 0
+            and (rows / k <= per_call or k == q)
+        )  # fmt: skip
     chunk = c.rollout.prompts_per_step // c.rollout.sample_chunks
     c.eval.prompts_per_batch = min(c.eval.prompts_per_batch, chunk)  # the same KV cache bound
     return c

@@ -107,3 +107,36 @@ def test_entropy_bonus_and_sequence_ratio_reach_the_update(tmp_path):
     # loss = pg + kl_coef * kl - 0.5 * entropy (token-mean): the bonus is in the logged loss.
     want = row["pg_loss"] + c.loss.kl_coef * row["kl_ref"] - 0.5 * row["entropy"]
     np.testing.assert_allclose(row["loss"], want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_authors_switch_sets_their_recipe_and_checks():
+    from configs import qwen2p5_1p5b, smollm2_arith  # noqa: PLC0415
+
+    paper, authors = smollm2_arith.get_config(), smollm2_arith.get_config("authors")
+    check(authors)
+    changed = {
+        "train.mini_batches": (1, 4),
+        "policy_update.gxpo.probe_state": ("keep", "restore"),
+        "policy_update.gxpo.retention": ("gradient", "update"),
+        "policy_update.gate.statistic": ("corrective_norm", "entropy"),
+        "policy_update.gate.patience": (1, 3),
+        "loss.kl_coef": (1e-3, 0.0),
+        "loss.entropy_coef": (0.0, 1e-3),
+        "optimizer.weight_decay": (0.0, 0.01),
+        "eval.top_p": (1.0, 0.7),
+    }
+    for path, values in changed.items():
+        group, field = path.rsplit(".", 1)
+        got = tuple(c[group.split(".")[0]] for c in (paper, authors))
+        for part in group.split(".")[1:]:
+            got = tuple(g[part] for g in got)
+        assert tuple(g[field] for g in got) == values, path
+    # The model's own launcher values go on top of the common recipe, and the GPU presets
+    # take the new batch: 64 x 8 in 4 updates.
+    gpu = qwen2p5_1p5b.get_config("h100x1,authors")
+    check(gpu)
+    assert (gpu.rollout.prompts_per_step, gpu.rollout.responses_per_prompt) == (64, 8)
+    with pytest.raises(ValueError, match="allowed parts are h100x4"):
+        qwen2p5_1p5b.get_config("h100x2,authors")
+    with pytest.raises(ValueError, match="authors"):
+        smollm2_arith.get_config("paper")
