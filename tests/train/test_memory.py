@@ -101,6 +101,7 @@ GPU_CONFIGS = {
     "qwen2p5_1p5b": "qwen2.5-1.5b",
     "qwen2p5_3b": "qwen2.5-3b",
     "qwen2p5_7b": "qwen2.5-7b",
+    "qwen3_4b": "qwen3-4b",
 }
 
 
