@@ -1,4 +1,4 @@
-"""Flax NNX decoder-only language models (Llama 3.x, SmolLM2, Qwen2.x) with LoRA.
+"""Flax NNX decoder-only language models (Llama 3.x, SmolLM2, Qwen2.x, Qwen3) with LoRA.
 
 - `config`: `ModelConfig` and the package's one shape-letter key.
 - `sharding`: the logical-axis table of parameters and activations, and its resolver.

@@ -3,8 +3,11 @@
 Loading is one pipeline for both formats: a config.json-style dict -> ModelConfig, then a
 stream of (HF tensor name, array in HF/torch layout) -> the stacked NNX parameters. Each stacked
 parameter kind is filled in one host buffer (cast to the param dtype on the way) and moved to the
-device as soon as its last layer arrives, so a safetensors load (read kind by kind) never holds
-two full copies of the model.
+devices as soon as its last layer arrives, so a safetensors load (read kind by kind) never holds
+two full copies of the model. Given the weights' shardings (`load_pretrained(..., shardings=)`),
+each array is created straight into its sharding, every device receiving only its own slices of
+the host buffer: no device ever holds a whole stacked weight (a 7B model's MLP kernels are
+over 1 GiB each), and there is no resharding afterwards.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ import dataclasses
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +79,12 @@ def _hf_tensors(config: ModelConfig) -> dict[str, _HFTensor]:
             ("post_attention_layernorm", "mlp_norm"),
         ):
             table[f"{prefix}{hf}.weight"] = _HFTensor(("layers", ours), layer, (D,), (D,), False)
+        if cfg.qk_norm:
+            H = cfg.head_dim
+            for name in ("q_norm", "k_norm"):
+                table[f"{prefix}self_attn.{name}.weight"] = _HFTensor(
+                    ("layers", name), layer, (H,), (H,), False
+                )
         for name, (i, o) in PROJECTIONS.items():
             n_in, n_out = math.prod(cfg.shape(i)), math.prod(cfg.shape(o))
             table[f"{prefix}{_HF_MODULES[name]}.weight"] = _HFTensor(
@@ -94,10 +104,37 @@ def _ignored(name: str, config: ModelConfig) -> bool:
     )
 
 
+# The weights' shardings in the `Transformer.weights()` layout (a nested dict of
+# jax.sharding.Sharding), or None: every weight on the default device.
+Shardings = dict[str, Any] | None
+
+
+def _sharding(shardings: Shardings, path: tuple[str, ...]) -> jax.sharding.Sharding | None:
+    if shardings is None:
+        return None
+    node = shardings
+    for key in path:
+        node = node[key]
+    return node
+
+
+def _put(host: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """A host array on the devices: whole on the default device, or created straight into
+    `sharding`, each device receiving only its slice of `host` (`jax.make_array_from_callback`
+    asks for the index of each addressable shard, so several processes work too)."""
+    if sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def _load_weights(
-    config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray]], source: str
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    source: str,
+    shardings: Shardings = None,
 ) -> dict[tuple[str, ...], jax.Array]:
-    """Stacked parameters (by path) from (HF name, array) pairs; checks names and shapes."""
+    """Stacked parameters (by path) from (HF name, array) pairs; checks names and shapes.
+    With `shardings`, each parameter is placed straight into its own."""
     table = _hf_tensors(config)
     dtype = jnp.dtype(config.param_dtype)
     remaining = Counter(t.path for t in table.values())
@@ -123,14 +160,15 @@ def _load_weights(
                 f"{t.hf_shape} from the model config"
             )
         if t.layer is None:
-            loaded[t.path] = jnp.asarray(t.to_ours(array), dtype)
+            host = np.ascontiguousarray(t.to_ours(array), dtype)
+            loaded[t.path] = _put(host, _sharding(shardings, t.path))
             continue
         if t.path not in buffers:
             buffers[t.path] = np.empty((config.num_layers, *t.shape), dtype)
         buffers[t.path][t.layer] = t.to_ours(array)
         remaining[t.path] -= 1
         if remaining[t.path] == 0:
-            loaded[t.path] = jax.device_put(buffers.pop(t.path))
+            loaded[t.path] = _put(buffers.pop(t.path), _sharding(shardings, t.path))
     missing = [name for name in table if name not in seen]
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5])
@@ -140,10 +178,13 @@ def _load_weights(
 
 
 def _build_model(
-    config: ModelConfig, weights: dict[tuple[str, ...], jax.Array], seed: int
+    config: ModelConfig,
+    weights: dict[tuple[str, ...], jax.Array],
+    seed: int,
+    shardings: Shardings = None,
 ) -> Transformer:
-    """A Transformer holding `weights`, with fresh LoRA adapters when config asks for them;
-    the random base initialisation is never materialised."""
+    """A Transformer holding `weights`, with fresh LoRA adapters when config asks for them
+    (in their `shardings` when given); the random base initialisation is never materialised."""
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(seed)))
     for path, value in weights.items():
         owner = model
@@ -153,8 +194,17 @@ def _build_model(
     key = jax.random.key(seed)
     for n, name in enumerate(config.lora_targets if config.lora_rank else ()):
         projection = getattr(model.layers, name)
-        projection.lora_a.value = init_lora_a(jax.random.fold_in(key, n), config, name)
-        projection.lora_b.value = jnp.zeros(projection.lora_b.value.shape, jnp.float32)
+        a_sharding = _sharding(shardings, ("layers", name, "lora_a"))
+        b_sharding = _sharding(shardings, ("layers", name, "lora_b"))
+        # One jit with out_shardings draws the same numbers as the eager call, each device
+        # computing only its own shard.
+        init_a = jax.jit(
+            lambda k, name=name: init_lora_a(k, config, name), out_shardings=a_sharding
+        )
+        projection.lora_a.value = init_a(jax.random.fold_in(key, n))
+        projection.lora_b.value = _put(
+            np.zeros(projection.lora_b.value.shape, np.float32), b_sharding
+        )
     return model
 
 
@@ -222,6 +272,7 @@ def load_pretrained(
     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS,
     remat: bool = False,
     seed: int = 0,
+    shardings: Callable[[ModelConfig], dict] | None = None,
 ):
     """(model, tokenizer) from a Hugging Face checkpoint directory or a .gguf file.
 
@@ -231,6 +282,11 @@ def load_pretrained(
     by `seed`. The tokenizer comes from `transformers.AutoTokenizer` when the directory has
     tokenizer files and is None when it has none (e.g. random test checkpoints); a .gguf file
     always carries its tokenizer.
+
+    `shardings`: a function of the checkpoint's ModelConfig giving every weight's sharding in
+    the `Transformer.weights()` layout (e.g. `gxpo.train.mesh.weight_shardings` on a mesh).
+    Each weight is then created straight into its sharding from the host copy, each device
+    receiving only its slices; without it, every weight lands on the default device.
     """
     path = Path(path)
     if not path.exists():
@@ -250,7 +306,7 @@ def load_pretrained(
         tokenizer = gguf.gguf_tokenizer(path)
         _check_vocab(tokenizer, config, str(path))
         tensors = gguf.iter_gguf_tensors(path, jnp.dtype(config.param_dtype))
-        return _build_model(config, _load_weights(config, tensors, str(path)), seed), tokenizer
+        return _load_model(config, tensors, str(path), seed, shardings), tokenizer
     if not path.is_dir():
         raise ValueError(f"checkpoint path {path}: expected a directory or a .gguf file")
     config_file = path / "config.json"
@@ -261,7 +317,19 @@ def load_pretrained(
     tokenizer = _load_tokenizer(path)
     _check_vocab(tokenizer, config, str(path))
     tensors = _iter_safetensors(files, _hf_tensors(config))
-    return _build_model(config, _load_weights(config, tensors, str(path)), seed), tokenizer
+    return _load_model(config, tensors, str(path), seed, shardings), tokenizer
+
+
+def _load_model(
+    config: ModelConfig,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    source: str,
+    seed: int,
+    shardings: Callable[[ModelConfig], dict] | None,
+) -> Transformer:
+    placement = shardings(config) if shardings is not None else None
+    weights = _load_weights(config, tensors, source, placement)
+    return _build_model(config, weights, seed, placement)
 
 
 def _token_ids(tokenizer) -> dict:

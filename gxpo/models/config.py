@@ -33,7 +33,7 @@ PROJECTIONS: dict[str, tuple[str, str]] = {
     "down_proj": ("F", "D"),
 }
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-ARCHITECTURES = ("llama", "qwen2")
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -70,9 +70,10 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's H features of q and k, before rotary (Qwen3)
     tie_embeddings: bool = True
     max_position_embeddings: int = 8192  # recorded for export; positions are not clipped
-    arch: str = "llama"  # HF model_type: "llama" (Llama 3.x, SmolLM2) or "qwen2"
+    arch: str = "llama"  # HF model_type: "llama" (Llama 3.x, SmolLM2), "qwen2" or "qwen3"
     param_dtype: str = "float32"
     dtype: str = "float32"
     lora_rank: int = 0

@@ -2,8 +2,8 @@
 
 A GGUF keeps the config and the tokenizer as metadata under llama.cpp's key names, and the weights,
 often quantized, under llama.cpp's tensor names. This module turns them into what a Hugging Face
-checkpoint directory holds, for the Llama (SmolLM2, Llama 3.x) and Qwen2 (Qwen2.5) families, with
-numpy, the `gguf` package's dequantizers and `tokenizers`; no torch:
+checkpoint directory holds, for the Llama (SmolLM2, Llama 3.x), Qwen2 (Qwen2.5) and Qwen3 (dense)
+families, with numpy, the `gguf` package's dequantizers and `tokenizers`; no torch:
 
     config = read_gguf_config(path)                    # a config.json-style dict
     for name, w_OxI in iter_gguf_tensors(path): ...    # HF names, HF/torch layout
@@ -38,7 +38,11 @@ __all__ = ["gguf_tokenizer", "iter_gguf_tensors", "read_gguf_config", "smollm2_g
 SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # general.architecture -> the transformers class whose checkpoint layout the file maps onto.
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 _GLOBAL_TENSORS = {
     "token_embd": "model.embed_tokens",
@@ -52,6 +56,8 @@ _LAYER_TENSORS = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3's per-head norms
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -152,7 +158,8 @@ def iter_gguf_tensors(
     """Yields `(hf_name, array)` one tensor at a time, dequantized and in HF/torch layout.
 
     Linear weights are `[out, in]`; llama.cpp's q/k row order for its rotary layout is undone for
-    Llama files (Qwen2 files are written unpermuted). Nothing but the current tensor is held.
+    Llama files (Qwen2 and Qwen3 files are written unpermuted). Nothing but the current tensor is
+    held.
     """
     header = _read_header(path)
     config = _config(header)  # fails here, not at the first next(), on an unsupported file
@@ -276,7 +283,7 @@ def _hf_name(gguf_name: str, path: pathlib.Path) -> str:
     if match and match[2] in _LAYER_TENSORS:
         return f"model.layers.{match[1]}.{_LAYER_TENSORS[match[2]]}.{match[3]}"
     raise ValueError(
-        f"{path}: tensor {gguf_name!r} has no counterpart in a Llama/Qwen2 decoder "
+        f"{path}: tensor {gguf_name!r} has no counterpart in a Llama/Qwen2/Qwen3 decoder "
         f"(known: {sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(_LAYER_TENSORS)}}})."
     )
 
@@ -316,7 +323,8 @@ def _config(header: _Header) -> dict[str, Any]:
         )
     rope_theta = field("rope.freq_base", 10000.0)
     embed = header.tensors.get("token_embd.weight")
-    # Qwen2 always has q/k/v biases and its config.json no field for them; Llama's says.
+    # Qwen2 always has q/k/v biases and its config.json no field for them; Llama's says (Qwen3
+    # has none, and its q/k norms are implied by the architecture).
     bias = {"attention_bias": "blk.0.attn_q.bias" in header.tensors} if arch == "llama" else {}
     return {
         "model_type": arch,
@@ -325,7 +333,7 @@ def _config(header: _Header) -> dict[str, Any]:
         "vocab_size": embed.shape[0] if embed else field("vocab_size"),
         "hidden_size": hidden_size,
         "intermediate_size": field("feed_forward_length"),
-        "hidden_act": "silu",  # both families; llama.cpp hard-codes it, so the file does not say
+        "hidden_act": "silu",  # all three; llama.cpp hard-codes it, so the file does not say
         "num_hidden_layers": field("block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": field("attention.head_count_kv", n_heads),

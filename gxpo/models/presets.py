@@ -50,6 +50,27 @@ PRESETS: dict[str, ModelConfig] = {
         ffn_dim=18944, rope_theta=1_000_000.0, norm_eps=1e-6, qkv_bias=True,
         tie_embeddings=False, max_position_embeddings=32768, arch="qwen2",
     ),
+    # Qwen3 (dense): q/k per-head norms, head_dim 128 whatever the width, no qkv bias.
+    "qwen3-0.6b": ModelConfig(
+        vocab_size=151936, dim=1024, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+        ffn_dim=3072, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm=True,
+        tie_embeddings=True, max_position_embeddings=40960, arch="qwen3",
+    ),
+    "qwen3-1.7b": ModelConfig(
+        vocab_size=151936, dim=2048, num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+        ffn_dim=6144, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm=True,
+        tie_embeddings=True, max_position_embeddings=40960, arch="qwen3",
+    ),
+    "qwen3-4b": ModelConfig(
+        vocab_size=151936, dim=2560, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+        ffn_dim=9728, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm=True,
+        tie_embeddings=True, max_position_embeddings=40960, arch="qwen3",
+    ),
+    "qwen3-8b": ModelConfig(
+        vocab_size=151936, dim=4096, num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+        ffn_dim=12288, rope_theta=1_000_000.0, norm_eps=1e-6, qk_norm=True,
+        tie_embeddings=False, max_position_embeddings=40960, arch="qwen3",
+    ),
 }  # fmt: skip
 
 
@@ -65,7 +86,11 @@ def get_preset(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 _REQUIRED = (
     "vocab_size",
     "hidden_size",
@@ -107,7 +132,7 @@ def _rope(config_json: dict, source: str) -> tuple[float, RopeScaling | None]:
 
 
 def config_from_hf(config_json: dict, source: str = "config.json", **overrides) -> ModelConfig:
-    """A ModelConfig from a Hugging Face config.json dict (Llama / SmolLM2 / Qwen2 family).
+    """A ModelConfig from a Hugging Face config.json dict (Llama / SmolLM2 / Qwen2 / Qwen3).
 
     `source` names the file in error messages; `overrides` set ModelConfig fields
     (dtype, lora_rank, ...).
@@ -145,7 +170,8 @@ def config_from_hf(config_json: dict, source: str = "config.json", **overrides) 
         rope_theta=theta,
         rope_scaling=scaling,
         norm_eps=config_json.get("rms_norm_eps", 1e-6),
-        qkv_bias=arch == "qwen2",
+        qkv_bias=arch == "qwen2",  # Qwen2 always has them and no field; the others say false
+        qk_norm=arch == "qwen3",
         tie_embeddings=bool(config_json.get("tie_word_embeddings", False)),
         max_position_embeddings=config_json.get("max_position_embeddings", 8192),
         arch=arch,
@@ -157,6 +183,12 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict:
     """A config.json dict for `config` in the legacy `rope_theta` / `rope_scaling` layout,
     which every transformers version reads (5.x converts it to `rope_parameters`).
     `extra` adds fields such as bos_token_id / eos_token_id."""
+    if config.qkv_bias != (config.arch == "qwen2") or config.qk_norm != (config.arch == "qwen3"):
+        raise ValueError(
+            f"ModelConfig(arch={config.arch!r}, qkv_bias={config.qkv_bias}, "
+            f"qk_norm={config.qk_norm}) has no Hugging Face model_type: qkv_bias goes with "
+            "'qwen2' and qk_norm with 'qwen3'"
+        )
     rope_scaling = None
     if config.rope_scaling is not None:
         rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
@@ -181,6 +213,8 @@ def config_to_hf(config: ModelConfig, dtype: str = "float32", **extra) -> dict:
     }
     if config.arch == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    elif config.arch == "qwen3":
+        out.update(attention_bias=False, use_sliding_window=False, sliding_window=None)
     else:
         out.update(use_sliding_window=False, sliding_window=None)
     return {**out, **extra}

@@ -1,4 +1,4 @@
-"""One Flax NNX decoder for the Llama 3.x / SmolLM2 / Qwen2.x family: its parameters and forward.
+"""One Flax NNX decoder for the Llama 3.x / SmolLM2 / Qwen2.x / Qwen3 family: parameters, forward.
 
 Every parameter's shape is a string of shape letters, stored with the logical axis names of
 `gxpo.models.sharding.LOGICAL_AXES` as its `out_sharding` metadata; no mesh is needed on one
@@ -82,6 +82,10 @@ class DecoderLayers(nnx.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             bias = config.qkv_bias and name != "o_proj"
             setattr(self, name, Projection(config, name, bias=bias, rngs=rngs))
+        # Qwen3's per-head norms of q and k: one weight of H for all heads of a layer.
+        head_ones = jnp.ones(config.shape("LH"), config.param_dtype)
+        self.q_norm = _param(nnx.Param, head_ones, "LH") if config.qk_norm else None
+        self.k_norm = _param(nnx.Param, head_ones, "LH") if config.qk_norm else None
         self.mlp_norm = _param(nnx.Param, ones, "LD")
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, Projection(config, name, bias=False, rngs=rngs))
@@ -91,6 +95,7 @@ class Transformer(nnx.Module):
     """The decoder. `model(tokens_BxT, attention_mask=mask_BxT) -> logits_BxTxV` (float32).
 
     Parameter paths: embed [V, D]; layers/{attn_norm, mlp_norm} [L, D];
+    layers/{q_norm, k_norm} [L, H] when `qk_norm` (Qwen3);
     layers/<proj>/{kernel, bias, lora_a, lora_b} (see `PROJECTIONS`); final_norm [D];
     lm_head [D, V] when embeddings are untied (stored pre-transposed for the matmul).
     Decoding runs on `weights()` through `gxpo.models.decode`.
@@ -163,6 +168,7 @@ def _apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Arr
 
 
 def _rms_norm(x_BxTxD: jax.Array, weight_D: jax.Array, eps: float) -> jax.Array:
+    # Over the last axis: D of the residual stream, or H of each head (q_norm / k_norm).
     x32 = x_BxTxD.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight_D.astype(x_BxTxD.dtype) * normed.astype(x_BxTxD.dtype)
@@ -190,15 +196,20 @@ def _project(config: ModelConfig, p: dict, name: str, x: jax.Array, use_lora: bo
 def qkv(
     config: ModelConfig, p: dict, x_BxTxD: jax.Array, rope: tuple, use_lora: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """A layer's attention inputs from the residual stream: q [B, T, K, J, H] (scaled by
-    1/sqrt(H), rotated), k [B, T, K, H] (rotated) and v [B, T, K, H]; `rope` is (cos, sin) of
-    the tokens' positions (`rope_tables`)."""
+    """A layer's attention inputs from the residual stream: q [B, T, K, J, H] (normed per head
+    when `qk_norm`, scaled by 1/sqrt(H), rotated), k [B, T, K, H] (normed per head when
+    `qk_norm`, rotated) and v [B, T, K, H]; `rope` is (cos, sin) of the tokens' positions
+    (`rope_tables`)."""
     cfg = config
     h_BxTxD = _rms_norm(x_BxTxD, p["attn_norm"], cfg.norm_eps)
     q_BxTxNxH = _project(cfg, p, "q_proj", h_BxTxD, use_lora)
+    k_BxTxKxH = _project(cfg, p, "k_proj", h_BxTxD, use_lora)
+    if cfg.qk_norm:  # Qwen3: after the projection, before the rotary (as Hugging Face does)
+        q_BxTxNxH = _rms_norm(q_BxTxNxH, p["q_norm"], cfg.norm_eps)
+        k_BxTxKxH = _rms_norm(k_BxTxKxH, p["k_norm"], cfg.norm_eps)
     # Scaling q (not the scores) is the cheaper place for 1/sqrt(H).
     q_BxTxNxH = _apply_rope(q_BxTxNxH * jnp.asarray(cfg.head_dim**-0.5, q_BxTxNxH.dtype), *rope)
-    k_BxTxKxH = _apply_rope(_project(cfg, p, "k_proj", h_BxTxD, use_lora), *rope)
+    k_BxTxKxH = _apply_rope(k_BxTxKxH, *rope)
     v_BxTxKxH = _project(cfg, p, "v_proj", h_BxTxD, use_lora)
     B, T = x_BxTxD.shape[:2]
     J = cfg.num_heads // cfg.num_kv_heads

@@ -53,8 +53,9 @@ def model(
     m: ml_collections.ConfigDict, seed: int, mesh: jax.sharding.Mesh
 ) -> tuple[ModelConfig, dict, dict, Any]:
     """(model config, trainable weights, frozen weights, tokenizer) for the config's `model`
-    group, placed on `mesh`. A random init runs as one jit with out_shardings, so no device
-    ever holds more than its shards."""
+    group, placed on `mesh`. No device ever holds more than its shards: a random init runs as
+    one jit with out_shardings, and a checkpoint's weights are created straight into their
+    shardings from the host copy (`load_pretrained(..., shardings=)`)."""
     options = dict(
         dtype=m.dtype,
         param_dtype=m.param_dtype or m.dtype,
@@ -73,19 +74,19 @@ def model(
         shardings = mesh_lib.weight_shardings(model_config, mesh)
         trainable, frozen = mesh_lib.init_sharded(init, shardings)
         return model_config, trainable, frozen, char_tokenizer()  # random init: no tokenizer
-    loaded, tokenizer = load_pretrained(resolve_model_path(m.path), seed=seed, **options)
+    loaded, tokenizer = load_pretrained(
+        resolve_model_path(m.path),
+        seed=seed,
+        shardings=lambda config: mesh_lib.weight_shardings(config, mesh),
+        **options,
+    )
     if tokenizer is None:
         raise ValueError(
             f"config.model.path={m.path!r} has no tokenizer files (tokenizer.json, ...); "
             "training needs the checkpoint's tokenizer"
         )
-    shardings = mesh_lib.weight_shardings(loaded.config, mesh)
     _, trainable, frozen = split_trainable(loaded)
-    trainable, frozen = _pure(trainable), _pure(frozen)
-    placed = mesh_lib.place(
-        (trainable, frozen), (mesh_lib.like(shardings, trainable), mesh_lib.like(shardings, frozen))
-    )
-    return loaded.config, *placed, tokenizer
+    return loaded.config, _pure(trainable), _pure(frozen), tokenizer
 
 
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:

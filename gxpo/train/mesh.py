@@ -251,7 +251,8 @@ def init_sharded(init: Callable[[], Any], shardings: dict) -> Any:
 
 
 def place(tree: Any, shardings: Any) -> Any:
-    """Arrays every process holds whole (e.g. loaded from a checkpoint) moved to `shardings`."""
+    """Arrays every process holds whole moved to `shardings` (a checkpoint needs none of this:
+    `load_pretrained(..., shardings=)` creates its weights in place)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
     return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)

@@ -38,6 +38,8 @@ def hf_config(arch: str, *, tie: bool, rope_scaling: dict | None = None, **extra
     common.update(extra)
     if arch == "llama":
         return transformers.LlamaConfig(rope_scaling=rope_scaling, **common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(**common)
     return transformers.Qwen2Config(**common)
 
 

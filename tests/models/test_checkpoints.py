@@ -210,7 +210,7 @@ BAD_INPUTS = {
     "unsupported architecture": (
         _then_load(lambda p: _edit_config(p, model_type="gpt2", architectures=["GPT2LMHeadModel"])),
         ValueError,
-        r"config\.json: model_type='gpt2'.*supported model_type: \['llama', 'qwen2'\]",
+        r"config\.json: model_type='gpt2'.*supported model_type: \['llama', 'qwen2', 'qwen3'\]",
     ),
     "unsupported rope type": (
         _then_load(

@@ -16,6 +16,7 @@ import transformers
 from hf_tiny import EPS32
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from gxpo.models import config_from_hf
 from gxpo.models.gguf import (
     gguf_tokenizer,
     iter_gguf_tensors,
@@ -241,8 +242,14 @@ def test_chat_template_equals_transformers(tokenizers_pair, with_system):
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 96, 2, 4, 2, 320
 
 
+def _head_dim(arch: str) -> int:
+    # Qwen3 states its head_dim (128 in every size; transformers' GGUF loader assumes it) apart
+    # from hidden / heads; the others derive it.
+    return 128 if arch == "qwen3" else HIDDEN // HEADS
+
+
 def _random_hf_state(arch: str, tied: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    head_dim = HIDDEN // HEADS
+    head_dim = _head_dim(arch)
     shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
     if not tied:
         shapes["lm_head.weight"] = (VOCAB, HIDDEN)
@@ -265,6 +272,11 @@ def _random_hf_state(arch: str, tied: bool, rng: np.random.Generator) -> dict[st
                 p + "self_attn.k_proj.bias": (KV_HEADS * head_dim,),
                 p + "self_attn.v_proj.bias": (KV_HEADS * head_dim,),
             }
+        if arch == "qwen3":
+            shapes |= {
+                p + "self_attn.q_norm.weight": (head_dim,),
+                p + "self_attn.k_norm.weight": (head_dim,),
+            }
     return {name: rng.standard_normal(shape, dtype=np.float32) for name, shape in shapes.items()}
 
 
@@ -276,6 +288,8 @@ def _gguf_name(hf_name: str) -> str:
         ("model.layers", "blk"),
         ("input_layernorm", "attn_norm"),
         ("post_attention_layernorm", "ffn_norm"),
+        ("self_attn.q_norm", "attn_q_norm"),
+        ("self_attn.k_norm", "attn_k_norm"),
         ("self_attn.q_proj", "attn_q"),
         ("self_attn.k_proj", "attn_k"),
         ("self_attn.v_proj", "attn_v"),
@@ -334,7 +348,7 @@ def _write_gguf(path, arch: str, tensors: dict, metadata=None) -> None:
     writer.close()
 
 
-@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize(("arch", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_tiny_model_round_trip(tmp_path, arch, tied):
     rng = np.random.default_rng(0)
     hf_state = _random_hf_state(arch, tied, rng)
@@ -342,21 +356,24 @@ def test_tiny_model_round_trip(tmp_path, arch, tied):
     tensors = {}
     for name, w in hf_state.items():
         kind = name.split(".")[-2]
-        if arch == "llama" and kind in heads:  # llama.cpp permutes Llama q/k, not Qwen2's
+        if arch == "llama" and kind in heads:  # llama.cpp permutes Llama q/k, not Qwen2/3's
             w = _llama_cpp_permute(w, heads[kind])
         tensors[_gguf_name(name)] = w
     # One quantized tensor: values then match transformers' dequantization, not the originals.
     quantized = "blk.1.ffn_up.weight"
     q8_0 = gguf.GGMLQuantizationType.Q8_0
     tensors[quantized] = (gguf.quants.quantize(tensors[quantized], q8_0), q8_0)
-    _write_gguf(tmp_path / "tiny.gguf", arch, tensors)
+    head_dim = {f"{arch}.attention.key_length": 128} if arch == "qwen3" else {}
+    _write_gguf(tmp_path / "tiny.gguf", arch, tensors, head_dim)
 
     config = read_gguf_config(tmp_path / "tiny.gguf")
     assert config["model_type"] == arch
     assert config["tie_word_embeddings"] == tied
     # Llama says whether it has q/k/v biases; Qwen2 always has them and no field (as in HF).
-    assert config.get("attention_bias") == {"llama": False, "qwen2": None}[arch]
-    assert config["head_dim"] == HIDDEN // HEADS
+    assert config.get("attention_bias") == {"llama": False, "qwen2": None, "qwen3": None}[arch]
+    assert config["head_dim"] == _head_dim(arch)
+    ours_config = config_from_hf(config)
+    assert (ours_config.qkv_bias, ours_config.qk_norm) == (arch == "qwen2", arch == "qwen3")
 
     ours = dict(iter_gguf_tensors(tmp_path / "tiny.gguf"))
     assert set(ours) == set(hf_state)

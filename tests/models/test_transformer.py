@@ -213,6 +213,12 @@ REAL_PARAMETER_COUNTS = {
     "qwen2.5-1.5b": 1_543_714_304,
     "qwen2.5-3b": 3_085_938_688,
     "qwen2.5-7b": 7_615_616_512,
+    "qwen3-0.6b": 596_049_920,
+    # Tied, counted once (transformers' num_parameters; the card's 1.4B without embeddings):
+    # its safetensors also store an unused lm_head copy, 2_031_739_904 with it.
+    "qwen3-1.7b": 1_720_574_976,
+    "qwen3-4b": 4_022_468_096,
+    "qwen3-8b": 8_190_735_360,
 }
 
 

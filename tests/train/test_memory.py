@@ -102,11 +102,12 @@ GPU_CONFIGS = {
     "qwen2p5_3b": "qwen2.5-3b",
     "qwen2p5_7b": "qwen2.5-7b",
     "qwen2p5_math_7b": "qwen2.5-7b",
+    "qwen3_4b": "qwen3-4b",
 }
 # The authors' recipe trains 8-response groups, and a micro-batch holds whole groups: on one
 # GPU, 8 rows of 4096 tokens exceed the 68 GiB budget for these models by the estimate (the
 # launch's memory check says so before compiling, with what would fit).
-AUTHORS_OVER_ONE_GPU = {"llama3b", "qwen2p5_3b", "qwen2p5_7b"}
+AUTHORS_OVER_ONE_GPU = {"llama3b", "qwen2p5_3b", "qwen2p5_7b", "qwen3_4b"}
 
 
 @pytest.mark.parametrize("authors", [False, True], ids=["paper", "authors"])
