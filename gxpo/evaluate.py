@@ -116,7 +116,8 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags only (--helpshort)")
     workdir, step = _WORKDIR.value, _STEP.value
-    config_file = config_flags.get_config_filename(flags.FLAGS["config"])
+    config_flag = flags.FLAGS["config"]
+    config_file = config_flags.get_config_filename(config_flag) if config_flag.present else None
     if workdir is None and config_file is None:
         raise cli.UserError("give --workdir=runs/NAME (a run's checkpoint) or --config=FILE")
     if workdir is not None and config_file != f"{RUN_CONFIG_FILE}:{workdir}":
@@ -133,7 +134,8 @@ def main(argv: list[str]) -> None:
     else:
         name = Path(config_file.split(":", 1)[0]).stem
         out = Path(_OUT.value or f"runs/{name}_eval")
-        what = f"{config_file} (no training)"
+        path = _CONFIG.value.model.path
+        what = f"{config_file} (model.path={path!r})" if path else f"{config_file} (random init)"
     results, step = evaluate(_CONFIG.value, out, run=workdir, step=step)
     print(f"Evaluation of {what} at step {step}:\n{benchmark_table(results)}")
     print(f"Wrote {out / EVAL_FILE}.")

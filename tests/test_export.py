@@ -72,6 +72,10 @@ def test_merged_export_of_a_step_has_gxpo_logits_in_transformers(lora_run, tmp_p
     assert tokenizer.apply_chat_template(chat, tokenize=False) == (
         char_tokenizer().apply_chat_template(chat, tokenize=False)
     )
+    # Readable by transformers 4 and vLLM too: a class they know, the template inside.
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert tokenizer_config["chat_template"] == char_tokenizer().chat_template
     generation = json.loads((out / "generation_config.json").read_text())
     assert generation["eos_token_id"] == [0, 2]
 

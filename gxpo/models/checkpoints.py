@@ -275,6 +275,20 @@ def _token_ids(tokenizer) -> dict:
     return {k: v for k, v in ids.items() if v is not None}
 
 
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """`tokenizer.save_pretrained(out)`, readable by transformers 4 and vLLM too: their
+    tokenizer class (transformers 5 writes its own "TokenizersBackend") and the chat template
+    inside tokenizer_config.json (transformers 5 writes it to chat_template.jinja only)."""
+    tokenizer.save_pretrained(str(out))
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if getattr(tokenizer, "chat_template", None) and "chat_template" not in config:
+        config["chat_template"] = tokenizer.chat_template
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
 def export_merged(
     model: Transformer,
     out_dir: str | Path,
@@ -320,7 +334,7 @@ def export_merged(
     hf_config = config_to_hf(config, dtype, **token_ids)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        _save_tokenizer(tokenizer, out)
         if eos_token_ids:
             token_ids["eos_token_id"] = [int(i) for i in eos_token_ids]
         (out / "generation_config.json").write_text(json.dumps(token_ids, indent=2))
