@@ -39,16 +39,20 @@ from gxpo.train.trainer import Trainer
 # the --config value, so that --config.<field> overrides apply to it (`_with_run_config`).
 RUN_CONFIG_FILE = str(Path(run_state.__file__).resolve())
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A config file (evaluates its initial model).", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run's work directory (evaluates a checkpoint).")
-_STEP = flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
-_OUT = flags.DEFINE_string(
-    "out",
-    None,
-    "Output directory (default: <workdir>/evaluations/step_<N>/, or runs/<config name>_eval/).",
-)
+
+def _define_flags() -> None:
+    """The command's flags; defined only when it runs, so that importing `evaluate` (tests,
+    notebooks, `gxpo.export` in the same process) defines none."""
+    config_flags.DEFINE_config_file(
+        "config", None, "A config file (evaluates its initial model).", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "A run's work directory (evaluates a checkpoint).")
+    flags.DEFINE_integer("step", None, "The run's checkpoint step (default: the latest).")
+    flags.DEFINE_string(
+        "out",
+        None,
+        "Output directory (default: <workdir>/evaluations/step_<N>/, or runs/<config name>_eval/).",
+    )
 
 
 def _with_run_config(argv: list[str]) -> list[str]:
@@ -115,8 +119,9 @@ def evaluate(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags only (--helpshort)")
-    workdir, step = _WORKDIR.value, _STEP.value
-    config_flag = flags.FLAGS["config"]
+    f = flags.FLAGS
+    workdir, step = f.workdir, f.step
+    config_flag = f["config"]
     config_file = config_flags.get_config_filename(config_flag) if config_flag.present else None
     if workdir is None and config_file is None:
         raise cli.UserError("give --workdir=runs/NAME (a run's checkpoint) or --config=FILE")
@@ -129,18 +134,19 @@ def main(argv: list[str]) -> None:
     if workdir is not None:
         run_state.load_config(workdir)  # its own error before config_flags' wrapped one
         step = run_state.checkpoint_step(workdir, step)
-        out = Path(_OUT.value or Path(workdir) / "evaluations" / f"step_{step}")
+        out = Path(f.out or Path(workdir) / "evaluations" / f"step_{step}")
         what = workdir
     else:
         name = Path(config_file.split(":", 1)[0]).stem
-        out = Path(_OUT.value or f"runs/{name}_eval")
-        path = _CONFIG.value.model.path
+        out = Path(f.out or f"runs/{name}_eval")
+        path = f.config.model.path
         what = f"{config_file} (model.path={path!r})" if path else f"{config_file} (random init)"
-    results, step = evaluate(_CONFIG.value, out, run=workdir, step=step)
+    results, step = evaluate(f.config, out, run=workdir, step=step)
     print(f"Evaluation of {what} at step {step}:\n{benchmark_table(results)}")
     print(f"Wrote {out / EVAL_FILE}.")
 
 
 if __name__ == "__main__":
+    _define_flags()
     sys.argv = _with_run_config(sys.argv)
     cli.run(main)

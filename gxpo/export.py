@@ -38,13 +38,17 @@ from gxpo.train.config import SMOLLM2_WHEEL
 FORMATS = ("merged", "peft")
 BASE_DIR = "base"  # where a peft export writes a base that transformers cannot load as is
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run's work directory.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_FORMAT = flags.DEFINE_enum("format", "merged", FORMATS, "What to write.")
-_DTYPE = flags.DEFINE_enum(
-    "dtype", None, DTYPES, "Weights' dtype in a merged export (default: the run's param dtype)."
-)
+
+def _define_flags() -> None:
+    """The command's flags; defined only when it runs, so that importing `export` (tests,
+    notebooks, `gxpo.evaluate` in the same process) defines none."""
+    flags.DEFINE_string("workdir", None, "The run's work directory.")
+    flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_enum("format", "merged", FORMATS, "What to write.")
+    flags.DEFINE_enum(
+        "dtype", None, DTYPES, "Weights' dtype in a merged export (default: the run's param dtype)."
+    )
 
 
 def _hf_base(path: str) -> str | None:
@@ -95,15 +99,16 @@ def export(
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.UserError(f"unexpected arguments {argv[1:]}; flags only (--helpshort)")
+    f = flags.FLAGS
     for flag in ("workdir", "out"):
-        if not flags.FLAGS[flag].value:
+        if not f[flag].value:
             raise cli.UserError(f"--{flag} is required (--helpshort lists the flags)")
     logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only directory is read only
-    workdir, step = _WORKDIR.value, _STEP.value
-    out = export(workdir, _OUT.value, step=step, format=_FORMAT.value, dtype=_DTYPE.value)
-    step = run_state.checkpoint_step(workdir, step)
-    print(f"Wrote {out}: {_FORMAT.value} export of {workdir} at step {step}.")
+    out = export(f.workdir, f.out, step=f.step, format=f.format, dtype=f.dtype)
+    step = run_state.checkpoint_step(f.workdir, f.step)
+    print(f"Wrote {out}: {f.format} export of {f.workdir} at step {step}.")
 
 
 if __name__ == "__main__":
+    _define_flags()
     cli.run(main)
