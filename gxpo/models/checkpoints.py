@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -296,7 +296,7 @@ def export_merged(
     *,
     dtype: str | None = None,
     lora: bool = True,
-    eos_token_ids: Sequence[int] | None = None,
+    eos_token_ids: Iterable[int] | None = None,
 ) -> Path:
     """Writes a HF checkpoint directory (config.json, model.safetensors, and, with a tokenizer,
     its files and generation_config.json) with LoRA folded into the base weights, in `dtype`
