@@ -49,6 +49,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as error:
         _say(f"{error} (--helpshort lists the flags)")
         sys.exit(EXIT_USER_ERROR)
+    except (AttributeError, KeyError, *USER_ERRORS) as error:
+        # ml_collections' config flag raises these while parsing: a --config.<field> that
+        # names no field (AttributeError), or a config file that failed to load (OSError).
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.lstrip("-").startswith("config.")]
+        if isinstance(error, (AttributeError, KeyError)):
+            error = f"no config field {error} in one of the overrides {overrides}"
+        _say(f"{error} (--helpshort lists the flags)")
+        sys.exit(EXIT_USER_ERROR)
 
 
 def run(main: Callable[[list[str]], object]) -> None:

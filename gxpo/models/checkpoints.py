@@ -343,19 +343,47 @@ def _token_ids(tokenizer) -> dict:
     return {k: v for k, v in ids.items() if v is not None}
 
 
+def _save_tokenizer(tokenizer, out: Path) -> None:
+    """`tokenizer.save_pretrained(out)`, readable by transformers 4 and vLLM too: their
+    tokenizer class (transformers 5 writes its own "TokenizersBackend") and the chat template
+    inside tokenizer_config.json (transformers 5 writes it to chat_template.jinja only)."""
+    tokenizer.save_pretrained(str(out))
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if getattr(tokenizer, "chat_template", None) and "chat_template" not in config:
+        config["chat_template"] = tokenizer.chat_template
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
+
+
 def export_merged(
-    model: Transformer, out_dir: str | Path, tokenizer=None, *, dtype: str | None = None
+    model: Transformer,
+    out_dir: str | Path,
+    tokenizer=None,
+    *,
+    dtype: str | None = None,
+    lora: bool = True,
+    eos_token_ids: Iterable[int] | None = None,
 ) -> Path:
-    """Writes a HF checkpoint directory (config.json, model.safetensors, and the tokenizer if
-    given) with LoRA folded into the base weights, in `dtype` (default: the model's param
-    dtype). `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it."""
+    """Writes a HF checkpoint directory (config.json, model.safetensors, and, with a tokenizer,
+    its files and generation_config.json) with LoRA folded into the base weights, in `dtype`
+    (default: the model's param dtype). `transformers.AutoModelForCausalLM.from_pretrained(
+    out_dir)` loads it.
+
+    `lora=False` writes the base weights alone (adapters dropped): the base model a PEFT
+    adapter of this model goes onto. `eos_token_ids`: the ids that end a reply (e.g. both
+    <|endoftext|> and <|im_end|>), written as generation_config.json's eos_token_id; default
+    the tokenizer's eos token."""
     config = model.config
     dtype = dtype or config.param_dtype
     if dtype not in DTYPES:
         raise ValueError(f"export_merged: dtype={dtype!r}; allowed values are {DTYPES}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = fold_lora(model.weights(), config)
+    weights = model.weights()  # only the HF tensors' paths are written: never an adapter's
+    if lora:
+        weights = fold_lora(weights, config)
     by_path: dict[tuple[str, ...], list[tuple[str, _HFTensor]]] = {}
     for name, t in _hf_tensors(config).items():
         by_path.setdefault(t.path, []).append((name, t))
@@ -370,10 +398,14 @@ def export_merged(
                 t.to_hf(host if t.layer is None else host[t.layer])
             )
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_config = config_to_hf(config, dtype, **_token_ids(tokenizer))
+    token_ids = _token_ids(tokenizer)
+    hf_config = config_to_hf(config, dtype, **token_ids)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
+        _save_tokenizer(tokenizer, out)
+        if eos_token_ids:
+            token_ids["eos_token_id"] = [int(i) for i in eos_token_ids]
+        (out / "generation_config.json").write_text(json.dumps(token_ids, indent=2))
     return out
 
 

@@ -31,6 +31,7 @@ from gxpo.train import mesh as mesh_lib
 from gxpo.train import updates
 from gxpo.train.config import resolve_model_path, validate
 from gxpo.train.loss import LossConfig, policy_loss
+from gxpo.train.state import TrainState, init_state, state_shardings
 from gxpo.train.step import LossFn, make_update_step
 
 # The combinators' argument errors: "owner: `argument` rule, got value."
@@ -87,6 +88,24 @@ def model(
         )
     _, trainable, frozen = split_trainable(loaded)
     return loaded.config, _pure(trainable), _pure(frozen), tokenizer
+
+
+def initial_state(
+    tx: optax.GradientTransformation,
+    model_config: ModelConfig,
+    trainable: dict,
+    data: dict[str, int],
+    mesh: jax.sharding.Mesh,
+) -> tuple[TrainState, TrainState]:
+    """The train state before the first step, on `mesh`, and its shardings (a `TrainState` of
+    shardings: what the jitted update step takes, and the target a checkpoint restores into).
+    `data` is the data iterator's state."""
+    trainable_sh = mesh_lib.like(mesh_lib.weight_shardings(model_config, mesh), trainable)
+    opt_sh = mesh_lib.opt_state_shardings(tx, trainable, trainable_sh, mesh)
+    scalar = mesh_lib.replicated(mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
+    state = init_state(trainable, opt_state, data, scalar)
+    return state, state_shardings(state, trainable_sh, opt_sh, scalar)
 
 
 def loss_config(config: ml_collections.ConfigDict) -> LossConfig:

@@ -138,6 +138,9 @@ class Checkpointer:
       save_interval_steps: `save` writes only steps divisible by this, unless forced.
       async_save: write files in a background thread; `save` returns once the
         state is on the host.
+      read_only: only read (export, evaluation): creates nothing, deletes nothing, and
+        leaves the temporary directory of a save in flight alone, so a running trainer's
+        checkpoints can be read while it writes them.
     """
 
     def __init__(
@@ -147,6 +150,7 @@ class Checkpointer:
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
         async_save: bool = True,
+        read_only: bool = False,
     ) -> None:
         if max_to_keep is not None and not (isinstance(max_to_keep, int) and max_to_keep >= 1):
             raise ValueError(
@@ -165,10 +169,12 @@ class Checkpointer:
                 METADATA_ITEM: ocp.JsonCheckpointHandler(),
             },
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep,
-                create=True,
-                cleanup_tmp_directories=True,  # leftovers of a killed save
+                max_to_keep=None if read_only else max_to_keep,
+                save_interval_steps=0 if read_only else 1,  # ours is `_save_interval_steps`
+                create=not read_only,
+                cleanup_tmp_directories=not read_only,  # leftovers of a killed save
                 enable_async_checkpointing=async_save,
+                read_only=read_only,
             ),
         )
         self._save_interval_steps = save_interval_steps

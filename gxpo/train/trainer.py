@@ -25,7 +25,7 @@ from gxpo.rl.data import load_examples as load_dataset
 from gxpo.rl.evaluate import benchmark_table, summarize
 from gxpo.rl.rewards import RewardScorer
 from gxpo.rl.sampler import SampleOutput, SamplingConfig, end_token_ids, sample, split_prompts
-from gxpo.train import builders
+from gxpo.train import builders, run_state
 from gxpo.train import loss as loss_lib
 from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
@@ -33,7 +33,7 @@ from gxpo.train import rows as rows_lib
 from gxpo.train.checkpoint import Checkpointer
 from gxpo.train.config import validate
 from gxpo.train.logging import ProgressBar, RunLogger
-from gxpo.train.state import TrainState, advance, init_state, state_shardings
+from gxpo.train.state import TrainState, advance
 
 
 class Samples(NamedTuple):
@@ -53,10 +53,19 @@ class Trainer:
     it is built), before any data or model loads; `checked=True` skips `validate` for a caller
     that ran `builders.check` on it already (`gxpo.experiments.compare` checks every method's
     config before the first one trains).
+
+    `evaluate_only=True` (through `for_evaluation`) builds a Trainer that only evaluates: it
+    neither resumes from nor writes to `workdir` beyond eval.jsonl (no config.json, no
+    checkpoints, no TensorBoard).
     """
 
     def __init__(
-        self, config: ml_collections.ConfigDict, workdir: str | Path, *, checked: bool = False
+        self,
+        config: ml_collections.ConfigDict,
+        workdir: str | Path,
+        *,
+        checked: bool = False,
+        evaluate_only: bool = False,
     ):
         if not checked:
             validate(config)
@@ -124,6 +133,9 @@ class Trainer:
         )
         self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
         self._logprobs_fn = mesh_lib.on_mesh(self.mesh, loss_lib.batch_logprobs)
+        if evaluate_only:  # `for_evaluation` sets the state, then the logger
+            self.checkpointer, self.logger = None, None
+            return
 
         self.checkpointer = Checkpointer(self.workdir, max_to_keep=c.train.keep_checkpoints)
         self._maybe_resume()
@@ -131,16 +143,36 @@ class Trainer:
             (self.workdir / "config.json").write_text(c.to_json(indent=2))
         self.logger = RunLogger(self.workdir, start_step=self.step + 1)
 
+    @classmethod
+    def for_evaluation(
+        cls,
+        config: ml_collections.ConfigDict,
+        out_dir: str | Path,
+        *,
+        run: str | Path | None = None,
+        step: int | None = None,
+    ) -> Trainer:
+        """A Trainer whose `evaluate()` evaluates a policy and writes only `out_dir`/eval.jsonl.
+
+        The policy is the checkpoint `step` (default: the latest) of the run in the work
+        directory `run`, read without writing there (so a running trainer may be evaluated),
+        or, with `run=None`, the config's initial model (`model.path`, or the random init).
+        Rows of `out_dir`/eval.jsonl from an earlier evaluation of the same step are replaced.
+        """
+        trainer = cls(config, out_dir, evaluate_only=True)
+        if run is not None:
+            trainer.state = run_state.restore(run, trainer.state, step)
+        trainer.logger = RunLogger(trainer.workdir, start_step=trainer.step, tensorboard=False)
+        return trainer
+
     def _build_step(self, trainable: dict) -> None:
         """The initial train state and the jitted update step, both on the mesh."""
+        self.state, state_sh = builders.initial_state(
+            self.tx, self.model_config, trainable, self.train_iter.state(), self.mesh
+        )
+        self.scalar_sharding = state_sh.step
         shardings = mesh_lib.weight_shardings(self.model_config, self.mesh)
-        trainable_sh = mesh_lib.like(shardings, trainable)
         frozen_sh = mesh_lib.like(shardings, self.frozen)
-        opt_sh = mesh_lib.opt_state_shardings(self.tx, trainable, trainable_sh, self.mesh)
-        self.scalar_sharding = mesh_lib.replicated(self.mesh)
-        opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(trainable)
-        self.state = init_state(trainable, opt_state, self.train_iter.state(), self.scalar_sharding)
-        state_sh = state_shardings(self.state, trainable_sh, opt_sh, self.scalar_sharding)
         self.batch_sharding = mesh_lib.row_shardings(
             self.mesh, self.update_rows, loss_lib.BATCH_RANKS
         )
@@ -452,7 +484,8 @@ class Trainer:
         return results
 
     def close(self) -> None:
-        self.checkpointer.wait()
-        self.checkpointer.close()
+        if self.checkpointer is not None:  # None when evaluate_only
+            self.checkpointer.wait()
+            self.checkpointer.close()
         self.logger.close()
         self.scorer.close()
