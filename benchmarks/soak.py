@@ -192,8 +192,8 @@ def soak(
 ) -> tuple[list[Kill], list[str]]:
     """Runs the reference and the killed run under ``root``; returns the kills and the
     differences between the two runs' final checkpoints and logs ([] if bit-identical)."""
-    if not 1 <= kills <= steps:
-        raise ValueError(f"--kills={kills} must be in [1, --steps]: at most one after each step")
+    if not 1 <= kills <= steps - 2:
+        raise ValueError(f"--kills={kills} must be in [1, --steps - 2]: one after each step")
     if corruptions > kills:
         raise ValueError(f"--corruptions={corruptions} must be <= --kills={kills}")
     if root.exists():
@@ -209,7 +209,7 @@ def soak(
     # Kill i after step target[i] (spread over the run, never past its last step), at a
     # moment of kind kinds[i]; the first during the evaluation at step 0, before any
     # checkpoint. Corrupt after the kills in `corrupt_at` (never the first).
-    targets = [0, *sorted(rng.sample(range(1, steps), kills - 1))]
+    targets = [0, *sorted(rng.sample(range(1, steps - 2), kills - 1))]
     kinds = [KINDS[i % len(KINDS)] for i in range(1, kills)]
     rng.shuffle(kinds)
     kinds = ["eval", *kinds]
@@ -238,7 +238,9 @@ def soak(
                 waited = time.monotonic() - reached
                 now = moment(run, steps, eval_every)
                 # Aim at the kind; a step with no save or evaluation to catch kills anyway.
-                missed = waited > 15  # no such moment yet: kill anyway
+                # No such moment caught (a save of a tiny state is brief): kill anyway, while
+                # the run still has steps to go.
+                missed = waited > 15 or step >= target + 2
                 if now == kind or (kind == "step" and waited > rng.uniform(0, 0.5)) or missed:
                     break
             time.sleep(POLL_S)
