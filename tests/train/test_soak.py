@@ -5,6 +5,7 @@ for bit where the uninterrupted run ends. The full soak (20 kills, 3 corruptions
 script's default."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -13,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _soak_module():
     spec = importlib.util.spec_from_file_location("soak", REPO / "benchmarks" / "soak.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules["soak"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
