@@ -3,7 +3,9 @@
     python launch.py --config=configs/smollm2_arith.py [--config.policy_update.name=grpo]
                      [--workdir=runs/NAME] [--noresume]
 
-A work directory that holds a checkpoint is resumed from its latest one unless --noresume.
+A work directory that holds a checkpoint is resumed from its newest intact one (a corrupt newer
+one is named and moved aside to checkpoints/<step>.corrupt-<n>) unless --noresume, which deletes
+its checkpoints, moved-aside ones included.
 A user's error (bad config, missing file, wrong model path) is one line and exit status 2;
 --verbose shows its traceback.
 """

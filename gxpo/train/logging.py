@@ -31,6 +31,10 @@ from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+# The JSONL logs whose rows carry the training step they belong to; a resumed run truncates each
+# to the steps its checkpoint holds, so every step and evaluation has exactly one row.
+STEP_LOGS = (METRICS_FILE, EVAL_FILE, SAMPLES_FILE)
 TENSORBOARD_DIR = "tensorboard"
 
 Scalar = int | float | bool | str
@@ -55,8 +59,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _drop_rows_from(path: Path, step: int) -> list[dict[str, Any]]:
-    """Rewrites ``path`` keeping only rows logged before ``step``; returns the kept rows."""
-    rows = [r for r in read_jsonl(path) if r.get("step", -1) < step]
+    """Rewrites ``path`` keeping only rows logged before ``step``; returns the kept rows.
+
+    A row without an integer ``step`` (a torn line already is skipped by `read_jsonl`) is not
+    one of this run's and goes too.
+    """
+    rows = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] < step]
     if path.exists():
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -130,8 +138,11 @@ class RunLogger:
     Args:
       workdir: the run's work directory (created if missing).
       start_step: the first step this process will log. Rows with ``step >= start_step`` left
-        by an earlier (killed) run are dropped, so a resumed run has each step once; 0 for a
-        fresh run (which also clears a previous run's rows in the same directory).
+        by an earlier (killed) run are dropped from every file of `STEP_LOGS`, and TensorBoard
+        hides its events from that step on, so a resumed run has each step once: a run resumed
+        from the checkpoint of step s passes s + 1 (keeping the evaluation at s, which ran
+        before that save); a fresh run passes 0, which clears every row a previous run left in
+        the directory (a run killed before its first checkpoint included).
       is_main: whether this process writes; None (default): ``jax.process_index() == 0``.
       tensorboard: also write TensorBoard event files.
 
@@ -155,9 +166,8 @@ class RunLogger:
         if not self.is_main:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
-        kept = _drop_rows_from(self.workdir / METRICS_FILE, start_step)
-        _drop_rows_from(self.workdir / EVAL_FILE, start_step)
-        self.last_metrics = kept[-1] if kept else None
+        kept = {name: _drop_rows_from(self.workdir / name, start_step) for name in STEP_LOGS}
+        self.last_metrics = kept[METRICS_FILE][-1] if kept[METRICS_FILE] else None
         self._files = {n: (self.workdir / n).open("a") for n in (METRICS_FILE, EVAL_FILE)}
         if tensorboard:
             self._tb = _summary_writer(self.workdir / TENSORBOARD_DIR, start_step)

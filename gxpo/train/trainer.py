@@ -30,7 +30,7 @@ from gxpo.train import loss as loss_lib
 from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import rows as rows_lib
-from gxpo.train.checkpoint import Checkpointer
+from gxpo.train.checkpoint import Checkpointer, prepare_workdir
 from gxpo.train.config import validate
 from gxpo.train.logging import ProgressBar, RunLogger
 from gxpo.train.state import TrainState, advance
@@ -82,8 +82,7 @@ class Trainer:
             self.mesh,
             "config.rollout.prompts_per_step * responses_per_prompt / train.mini_batches",
         )
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = prepare_workdir(workdir)  # a file, unwritable or full: one line, now
         key = jax.random.key(c.train.seed)
         self.rollout_key, self.eval_key = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
 
@@ -141,7 +140,10 @@ class Trainer:
         self._maybe_resume()
         if self.is_main:
             (self.workdir / "config.json").write_text(c.to_json(indent=2))
-        self.logger = RunLogger(self.workdir, start_step=self.step + 1)
+        # A resumed run keeps the rows of the steps and evaluations its checkpoint includes
+        # (the evaluation at a step runs before its save); a fresh run, or one killed before its
+        # first checkpoint, starts its logs over.
+        self.logger = RunLogger(self.workdir, start_step=self.step + 1 if self.step else 0)
 
     @classmethod
     def for_evaluation(
@@ -453,10 +455,11 @@ class Trainer:
         )
 
     def _maybe_resume(self) -> None:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        # The newest checkpoint that verifies; corrupt newer ones are moved aside with a warning.
+        found = self.checkpointer.restore_newest_intact(target=self.state)
+        if found is None:
             return
-        self.state = TrainState(*self.checkpointer.restore(latest, target=self.state))
+        self.state = TrainState(*found[1])
         self.train_iter.restore(self.state.data)
         if self.is_main and not self.config.train.quiet:
             print(f"Resumed from {self.workdir} at step {self.step}.", flush=True)

@@ -1,6 +1,8 @@
-"""Checkpointer: exact round trips, retention, a save killed mid-write, sharded restore, errors."""
+"""Checkpointer: exact round trips, retention, a save killed mid-write, sharded restore, errors,
+checksums (corrupt steps caught, moved aside, the newest intact one restored), a full disk."""
 
 import contextlib
+import errno
 import os
 import signal
 import subprocess
@@ -16,7 +18,7 @@ import pytest
 import gxpo
 from gxpo.optim import GXPOState
 from gxpo.optim import gxpo as gxpo_tx
-from gxpo.train.checkpoint import CHECKPOINT_DIR, Checkpointer
+from gxpo.train.checkpoint import CHECKPOINT_DIR, Checkpointer, CorruptCheckpointError
 
 
 def _loss(params):
@@ -291,3 +293,117 @@ def test_restore_reshards_into_the_targets_shardings(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "restored into ('m', 'd')" in out.stdout
+
+
+def corrupt(step_dir, seed=0, *, whole=False):
+    """Random bytes into the array files of a step: 16 in the middle of the largest, inside the
+    raw bytes of an incompressible array (Orbax reads them without a word: only the checksums
+    notice), or over every whole file (Orbax cannot decode them)."""
+    rng = np.random.default_rng(seed)
+    files = sorted((step_dir / "state" / "ocdbt.process_0" / "d").iterdir())
+    assert files
+    if not whole:
+        files = [max(files, key=lambda p: p.stat().st_size)]
+    for path in files:
+        size = path.stat().st_size
+        with path.open("r+b") as f:
+            f.seek(0 if whole else size // 2)
+            f.write(rng.bytes(size if whole else 16))
+
+
+def test_corrupt_steps_are_named_moved_aside_and_the_newest_intact_one_restored(
+    tmp_path, state, capsys
+):
+    noise = np.random.default_rng(0).random((64, 64), np.float32)  # 16 KB, incompressible
+    state = {**state, "noise": noise}
+    states = {s: {**state, "step": s} for s in (1, 2, 3)}
+    with Checkpointer(tmp_path, max_to_keep=None, async_save=False) as ckpt:
+        for s, st in states.items():
+            ckpt.save(s, st)
+    ckpt_dir = tmp_path / CHECKPOINT_DIR
+    corrupt(ckpt_dir / "3")  # silently different values
+    corrupt(ckpt_dir / "2", whole=True)  # undecodable
+
+    ckpt = Checkpointer(tmp_path, max_to_keep=None)
+    with pytest.raises(
+        CorruptCheckpointError, match=r"checkpoints/3 fails its checksums: noise \(checksum\)$"
+    ):
+        ckpt.verify(3)
+    capsys.readouterr()
+    step, restored = ckpt.restore_newest_intact(target=state)
+    assert step == 1
+    assert_bitwise_equal(restored, states[1])
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2, warnings  # one line per corrupt step, newest first
+    assert "checkpoints/3 fails its checksums" in warnings[0] and "3.corrupt-1" in warnings[0]
+    assert "checkpoints/2 cannot be read" in warnings[1] and "2.corrupt-1" in warnings[1]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1", "2.corrupt-1", "3.corrupt-1"]
+    assert ckpt.all_steps() == [1]
+    # The run goes on from step 1 and writes step 2 again; a second corrupt 2 gets its own name.
+    assert ckpt.save(2, states[2])
+    ckpt.wait()
+    corrupt(ckpt_dir / "2", seed=1)
+    corrupt(ckpt_dir / "1", seed=2)
+    ckpt.close()
+
+    ckpt = Checkpointer(tmp_path, max_to_keep=None)
+    with pytest.raises(CorruptCheckpointError, match=r"No intact checkpoint .*--noresume"):
+        ckpt.restore_newest_intact(target=state)
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert names == ["1.corrupt-1", "2.corrupt-1", "2.corrupt-2", "3.corrupt-1"]
+    # Nothing left to restore is still not a fresh start.
+    with pytest.raises(CorruptCheckpointError, match="No intact checkpoint"):
+        ckpt.restore_newest_intact(target=state)
+    ckpt.close()
+    with Checkpointer(tmp_path / "fresh") as ckpt:
+        assert ckpt.restore_newest_intact(target=state) is None
+
+
+def test_retention_never_deletes_the_newest_verified_step_for_an_unverified_one(tmp_path):
+    ckpt_dir = tmp_path / CHECKPOINT_DIR
+    ckpt = Checkpointer(tmp_path, max_to_keep=1)
+    noise = np.random.default_rng(0).random((64, 64), np.float32)
+    w = lambda s: {"w": noise + s}
+    ckpt.save(1, w(1))
+    ckpt.wait()  # step 1 written and read back intact
+    ckpt.save(2, w(2))
+    ckpt._manager.wait_until_finished()  # step 2 committed, not yet verified
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["1", "2"]
+    corrupt(ckpt_dir / "2")  # e.g. a faulty write
+    ckpt.wait()  # verification fails: 2 is moved aside, 1 stays
+    assert ckpt.all_steps() == [1]
+    ckpt.save(3, w(3))
+    ckpt.wait()  # 3 verifies: now 1 may go
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["2.corrupt-1", "3"]
+    ckpt.close()
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_full_disk_during_a_save_leaves_the_previous_checkpoint_usable(
+    tmp_path, state, monkeypatch, async_save
+):
+    from orbax.checkpoint._src.serialization import serialization
+
+    ckpt = Checkpointer(tmp_path, async_save=async_save)
+    ckpt.save(1, state)
+    ckpt.wait()
+
+    async def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", disk_full)
+    with pytest.raises(OSError) as err:
+        ckpt.save(2, {**state, "step": 2})
+        ckpt.wait()  # an asynchronous save fails here
+    msg = str(err.value)
+    assert "\n" not in msg and "Checkpoint step 2 could not be written" in msg
+    assert "No space left on device" in msg and "checkpoint 1 before it is intact" in msg
+    monkeypatch.undo()
+    with contextlib.suppress(Exception):
+        ckpt.close()
+
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.all_steps() == [1]
+        step, restored = ckpt.restore_newest_intact(target=state)
+        assert step == 1
+        assert_bitwise_equal(restored, state)

@@ -16,6 +16,7 @@ from gxpo.train import plots
 from gxpo.train.logging import (
     EVAL_FILE,
     METRICS_FILE,
+    STEP_LOGS,
     TENSORBOARD_DIR,
     ProgressBar,
     RunLogger,
@@ -98,6 +99,15 @@ def test_resume_drops_rows_of_the_killed_run(tmp_path):
     # A fresh run (start_step 0) in the same directory starts clean.
     RunLogger(tmp_path, tensorboard=False).close()
     assert read_jsonl(tmp_path / METRICS_FILE) == []
+
+
+def test_resume_truncates_every_step_log(tmp_path):
+    for name in STEP_LOGS:
+        rows = [{"step": s, "x": s} for s in (0, 1, 2, 3)] + [{"no_step": 1}]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 4')
+    RunLogger(tmp_path, start_step=2, tensorboard=False).close()  # resumed from step 1
+    for name in STEP_LOGS:
+        assert [r["step"] for r in read_jsonl(tmp_path / name)] == [0, 1], name
 
 
 def test_only_process_zero_writes(tmp_path):

@@ -118,6 +118,18 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
         assert ra["backward_passes"] == rb["backward_passes"]
 
 
+def test_a_run_killed_before_its_first_checkpoint_logs_each_evaluation_once(tmp_path):
+    first = _fake_rewards(Trainer(_config(steps=1), tmp_path))
+    first.evaluate()  # the evaluation at step 0 is logged, then the run dies before a save
+    first.close()
+    assert first.checkpointer.latest_step() is None
+    again = _fake_rewards(Trainer(_config(steps=1), tmp_path))
+    assert again.step == 0
+    again.run()
+    assert [r["step"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [0, 1]
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1]
+
+
 BAD_CONFIGS = [
     ("policy_update.name", "gpxo", "policy_update.name"),
     # The policy update's own checks, as the config field: the updates named by the field.
