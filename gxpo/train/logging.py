@@ -10,6 +10,9 @@ In the work directory (see docs/design.md, "What a run writes"):
   ``pass@k`` for each k, ``maj@n``, ``n`` (and whatever else the trainer adds).
 - ``tensorboard/``: the same numbers as TensorBoard scalars (eval ones under
   ``eval/<benchmark>/``).
+- ``samples.jsonl``: a few of each step's responses, one object each (``log_samples``):
+  ``step``, ``prompt``, ``completion``, ``answer``, ``reward`` and each ``reward/<name>``,
+  ``length`` (tokens) and ``truncated``: to read what the policy writes and what it is paid for.
 
 Only process 0 writes (``is_main``); every process may call the same methods.
 """
@@ -197,6 +200,17 @@ class RunLogger:
         row.update((k, v) for k, v in to_scalars(results).items() if k not in row)
         self._write(EVAL_FILE, row, f"eval/{benchmark}/")
         return row
+
+    def log_samples(self, step: int, rows: list[Mapping[str, Any]]) -> None:
+        """Appends sampled responses of one step to samples.jsonl, each row with ``step`` first
+        (JSON values: text, numbers, booleans, null)."""
+        if not self.is_main or not rows:
+            return
+        if SAMPLES_FILE not in self._files:  # opened on first use: runs with samples off have none
+            self._files[SAMPLES_FILE] = (self.workdir / SAMPLES_FILE).open("a")
+        f = self._files[SAMPLES_FILE]
+        f.write("".join(json.dumps({"step": int(step), **row}) + "\n" for row in rows))
+        f.flush()
 
     def close(self) -> None:
         for f in self._files.values():

@@ -20,10 +20,17 @@ import numpy as np
 
 from gxpo.rl import grpo
 from gxpo.rl.answers import canonical_answer, extract_answer
-from gxpo.rl.data import ArithTask, BatchIterator, Example, build_prompt, encode_prompts
-from gxpo.rl.data import load_examples as load_dataset
+from gxpo.rl.data import (
+    ArithTask,
+    BatchIterator,
+    Example,
+    build_prompt,
+    encode_prompts,
+    load_source,
+    parse_source,
+)
 from gxpo.rl.evaluate import benchmark_table, summarize
-from gxpo.rl.rewards import RewardScorer
+from gxpo.rl.rewards import RewardFunctions, RewardScorer, Scores
 from gxpo.rl.sampler import SampleOutput, SamplingConfig, end_token_ids, sample, split_prompts
 from gxpo.train import builders, run_state
 from gxpo.train import loss as loss_lib
@@ -33,6 +40,7 @@ from gxpo.train import rows as rows_lib
 from gxpo.train.checkpoint import Checkpointer, prepare_workdir
 from gxpo.train.config import validate
 from gxpo.train.logging import ProgressBar, RunLogger
+from gxpo.train.mirror import WandbMirror
 from gxpo.train.state import TrainState, advance
 
 
@@ -89,9 +97,13 @@ class Trainer:
         # Data first: a missing file fails before a model load.
         source = self._source(c.data.train, c.data.train_split)
         self.train_iter = BatchIterator(source, c.rollout.prompts_per_step, seed=c.train.seed)
-        self.eval_sets = {name: self._eval_examples(name) for name in c.data.eval}
-        self.scorer = RewardScorer()
+        self.eval_sets = {parse_source(e).name: self._eval_examples(e) for e in c.data.eval}
+        self.scorer = RewardScorer(timeout_s=c.reward.timeout_s)
+        self.rewards = RewardFunctions(
+            c.reward.functions, c.reward.weights, scorer=self.scorer, timeout_s=c.reward.timeout_s
+        )
         self.scorer.start()  # verifier workers warm up while the model loads and compiles
+        self.rewards.start()  # and the user reward functions' workers import theirs
 
         self.model_config, trainable, self.frozen, self.tokenizer = builders.model(
             c.model, c.train.seed, self.mesh
@@ -144,6 +156,9 @@ class Trainer:
         # (the evaluation at a step runs before its save); a fresh run, or one killed before its
         # first checkpoint, starts its logs over.
         self.logger = RunLogger(self.workdir, start_step=self.step + 1 if self.step else 0)
+        self.wandb = None
+        if c.logging.wandb_project and self.is_main:
+            self.wandb = WandbMirror(c.logging.wandb_project, self.workdir, c.to_dict())
 
     @classmethod
     def for_evaluation(
@@ -165,6 +180,7 @@ class Trainer:
         if run is not None:
             trainer.state = run_state.restore(run, trainer.state, step)
         trainer.logger = RunLogger(trainer.workdir, start_step=trainer.step, tensorboard=False)
+        trainer.wandb = None
         return trainer
 
     def _build_step(self, trainable: dict) -> None:
@@ -194,16 +210,29 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def _source(self, name: str, split: str) -> list[Example] | ArithTask:
-        if name == "arith":
-            return ArithTask(**self.config.data.arith.to_dict())
-        return load_dataset(name, split or None, self.config.data.data_dir or None)
+    def _load(self, entry: str, split: str | None, for_eval: bool) -> list[Example]:
+        """A registered dataset, a file or a hub dataset (`gxpo.rl.data.load_source`)."""
+        d = self.config.data
+        return load_source(
+            entry,
+            split=split,
+            data_dir=d.data_dir or None,
+            question_field=d.question_field,
+            answer_field=d.answer_field or None,
+            kind=d.answer_kind,
+            for_eval=for_eval,
+        )
 
-    def _eval_examples(self, name: str) -> list[Example]:
-        if name == "arith":
+    def _source(self, entry: str, split: str) -> list[Example] | ArithTask:
+        if entry == "arith":
+            return ArithTask(**self.config.data.arith.to_dict())
+        return self._load(entry, split or None, for_eval=False)
+
+    def _eval_examples(self, entry: str) -> list[Example]:
+        if entry == "arith":
             examples = ArithTask(**self.config.data.arith.to_dict()).eval_examples()
         else:
-            examples = load_dataset(name, None, self.config.data.data_dir or None)
+            examples = self._load(entry, None, for_eval=True)
         limit = self.config.eval.max_problems
         if limit and len(examples) > limit:  # a fixed subset, spread over the whole file
             order = np.random.default_rng(0).permutation(len(examples))[:limit]
@@ -280,7 +309,17 @@ class Trainer:
             own_rows=True,
             chunks=self.config.rollout.sample_chunks,
         )
-        rewards, reward_metrics = self.score(examples, samples)
+        rewards, reward_metrics, scores = self.score(examples, samples)
+        if self.config.logging.samples_per_step:
+            # A row ran out of tokens when its last slot holds a token that does not end it
+            # (every process computes this: the slice is a collective on a multi-host mesh).
+            last_B = rows_lib.to_host(samples.out.tokens[:, -1])
+            ended_B = np.isin(last_B, self.eos_ids) | (
+                samples.lengths_B < self.config.rollout.max_new_tokens
+            )
+            if self.is_main:
+                rows = self._sample_rows(examples, samples, scores, ~ended_B)
+                self.logger.log_samples(self.step + 1, rows)
         lengths_B = samples.lengths_B
         return self.make_batch(samples, rewards), {
             **reward_metrics,
@@ -288,25 +327,58 @@ class Trainer:
             "response_length_max": int(np.max(lengths_B)),
         }
 
-    def score(self, examples: list[Example], samples: Samples) -> tuple[jax.Array, dict]:
-        """Every row's reward as one global array (each process scores its own rows), and
-        their metrics."""
-        G, c = self.config.rollout.responses_per_prompt, self.config
-        refs = [ex.answer for ex in examples for _ in range(G)][samples.rows]
-        kinds = [ex.kind for ex in examples for _ in range(G)][samples.rows]
-        own_rewards, stats = self.scorer.score_batch(
-            samples.texts, refs, kinds, format_reward=c.loss.format_reward
+    def score(self, examples: list[Example], samples: Samples) -> tuple[jax.Array, dict, Scores]:
+        """Every row's reward as one global array (each process scores its own rows), their
+        metrics (`reward_mean`, `accuracy` when the data has answers, `reward/<name>` per reward
+        function and its error and timeout counts), and this process's rows' `Scores`."""
+        G, B = self.config.rollout.responses_per_prompt, len(samples.lengths_B)
+        own = [ex for ex in examples for _ in range(G)][samples.rows]
+        scores = self.rewards(
+            [ex.question for ex in own],
+            samples.texts,
+            [ex.answer for ex in own],
+            [ex.kind for ex in own],
+            [ex.extra for ex in own],
+            groups=np.arange(B)[samples.rows] // G,  # one call per prompt's responses
         )
-        rewards = rows_lib.rows_from_hosts(
-            self.mesh, own_rewards, samples.rows, len(samples.lengths_B)
-        )
-        rewards_B = rows_lib.to_host(rewards)
-        return rewards, {
-            "reward_mean": float(np.mean(rewards_B)),
-            "accuracy": float(np.mean(rewards_B >= 1.0)),
-            "reward/timeouts": rows_lib.sum_over_hosts(stats.timeouts),
-            "reward/errors": rows_lib.sum_over_hosts(stats.errors),
-        }
+        rewards = rows_lib.rows_from_hosts(self.mesh, scores.rewards, samples.rows, B)
+        # Every row's parts (and verdict), to average over all processes' rows at once.
+        columns = [scores.rewards, *scores.parts.values()]
+        if scores.correct is not None:
+            columns.append(scores.correct.astype(np.float32))
+        table = np.stack(columns, axis=1)
+        means = rows_lib.to_host(rows_lib.rows_from_hosts(self.mesh, table, samples.rows, B))
+        means = means.mean(axis=0)
+        metrics = {"reward_mean": float(means[0])}
+        if scores.correct is not None:
+            metrics["accuracy"] = float(means[-1])
+        for name, mean in zip(scores.parts, means[1:]):
+            metrics[f"reward/{name}"] = float(mean)
+        for key, count in scores.counts.items():
+            metrics[key] = rows_lib.sum_over_hosts(count)
+        return rewards, metrics, scores
+
+    def _sample_rows(
+        self, examples: list[Example], samples: Samples, scores: Scores, truncated_B: np.ndarray
+    ) -> list[dict[str, Any]]:
+        """`logging.samples_per_step` of this process's rows for samples.jsonl, spread over
+        the step's prompts."""
+        G, n = self.config.rollout.responses_per_prompt, len(samples.texts)
+        picks = np.unique(np.linspace(0, n - 1, self.config.logging.samples_per_step).round())
+        own = [ex for ex in examples for _ in range(G)][samples.rows]
+        lengths, truncated = samples.lengths_B[samples.rows], truncated_B[samples.rows]
+        rows = []
+        for i in picks.astype(int):
+            row = {
+                "prompt": own[i].question,
+                "completion": samples.texts[i],
+                "answer": own[i].answer,
+                "reward": float(scores.rewards[i]),
+            }
+            row.update((f"reward/{name}", float(part[i])) for name, part in scores.parts.items())
+            row.update(length=int(lengths[i]), truncated=bool(truncated[i]))
+            rows.append(row)
+        return rows
 
     def make_batch(self, samples: Samples, rewards_B: jax.Array) -> loss_lib.Batch:
         """The update's batch: group advantages of the rewards, the rows trimmed to the longest
@@ -434,7 +506,7 @@ class Trainer:
                 ]
             summary = summarize(np.concatenate(correct), answers, ks=tuple(e.pass_k))
             results[name] = summary
-            self.logger.log_eval(
+            row = self.logger.log_eval(
                 self.step,
                 name,
                 dict(
@@ -443,6 +515,8 @@ class Trainer:
                     wall_seconds=float(self.state.wall_seconds),
                 ),
             )
+            if self.wandb:
+                self.wandb.log(row, prefix=f"eval/{name}/")
         if self.is_main and not self.config.train.quiet:
             print(f"\nEvaluation at step {self.step}:\n{benchmark_table(results)}", flush=True)
         return results
@@ -475,7 +549,9 @@ class Trainer:
         with ProgressBar(c.train.steps, start_step=self.step, quiet=c.train.quiet) as bar:
             while self.step < c.train.steps:
                 metrics = self.train_step()
-                self.logger.log_metrics(self.step, metrics)
+                row = self.logger.log_metrics(self.step, metrics)
+                if self.wandb:
+                    self.wandb.log(row)
                 bar.update(metrics)
                 last = self.step == c.train.steps
                 if self.eval_sets and (last or (c.eval.every and self.step % c.eval.every == 0)):
@@ -491,4 +567,7 @@ class Trainer:
             self.checkpointer.wait()
             self.checkpointer.close()
         self.logger.close()
+        if self.wandb:
+            self.wandb.close()
+        self.rewards.close()
         self.scorer.close()

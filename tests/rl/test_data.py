@@ -68,9 +68,30 @@ def test_known_records(real_data):
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="checks the ../shared/data default itself")
 def test_default_data_dir_is_shared_beside_repo(monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, "/nonexistent")
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)  # an explicit $GXPO_DATA_DIR wins
     assert data.default_data_dir() == SHARED
     assert len(load_examples("amc23")) == 40
+
+
+def test_data_dir_precedence(monkeypatch, tmp_path):
+    """The argument (config.data.data_dir), then $GXPO_DATA_DIR, then the development tree."""
+
+    def amc23(root, question):
+        (root / "amc23").mkdir(parents=True)
+        record = {"id": 1, "problem": question, "answer": 2}
+        (root / "amc23" / "test.jsonl").write_text(json.dumps(record) + "\n")
+        return root
+
+    dev = amc23(tmp_path / "dev", "from the development tree")
+    env = amc23(tmp_path / "env", "from the environment")
+    explicit = amc23(tmp_path / "explicit", "from the argument")
+    monkeypatch.setattr(data, "_repo_data_dir", lambda: dev)
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    assert load_examples("amc23")[0].question == "from the development tree"
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
+    assert load_examples("amc23")[0].question == "from the environment"
+    assert load_examples("amc23", data_dir=explicit)[0].question == "from the argument"
+    assert data.load_source("amc23", data_dir=explicit)[0].question == "from the argument"
 
 
 def test_env_data_dir_then_hub(monkeypatch, tmp_path):
@@ -99,6 +120,128 @@ def test_missing_data_errors(tmp_path):
         load_examples("mathqa")
     with pytest.raises(ValueError, match="ArithTask"):
         load_examples("arith")
+
+
+# --- datasets from files and the hub --------------------------------------------------------
+
+ROWS = [
+    {"problem": "What is 2 + 2?", "solution": 4, "level": 1, "tags": ["easy"]},
+    {"problem": "What is 1/2 + 1/2?", "solution": 1.0, "level": 2, "tags": []},
+    {"problem": "Name the third prime.", "solution": 5, "level": 3, "tags": ["primes"]},
+]
+
+
+def _write(path, rows):
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1))
+    else:
+        import pandas as pd  # noqa: PLC0415
+
+        pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet"])
+def test_file_datasets_with_custom_fields(tmp_path, suffix):
+    path = _write(tmp_path / f"mine{suffix}", ROWS)
+    examples = data.load_source(
+        str(path), question_field="problem", answer_field="solution", kind="numeric"
+    )
+    assert examples == [
+        Example("What is 2 + 2?", "4", "numeric", "mine", "0"),
+        Example("What is 1/2 + 1/2?", "1", "numeric", "mine", "1"),  # 1.0 -> "1"
+        Example("Name the third prime.", "5", "numeric", "mine", "2"),
+    ]
+    # Every other field travels with the example, for the reward functions.
+    assert [dict(e.extra) for e in examples] == [
+        {"level": r["level"], "tags": r["tags"]} for r in ROWS
+    ]
+    assert data.parse_source(str(path)) == data.Source("file", "mine", str(path))
+    # No answers: allowed, answer None.
+    unanswered = data.load_source(str(path), question_field="problem", answer_field=None)
+    assert [e.answer for e in unanswered] == [None] * 3
+    assert unanswered[0].extra["solution"] == 4
+
+
+def test_malformed_rows_name_the_file_and_line(tmp_path):
+    def error(name, text=None, rows=None, **fields):
+        path = tmp_path / name
+        if text is not None:
+            path.write_text(text)
+        else:
+            _write(path, rows)
+        with pytest.raises(ValueError) as e:
+            data.load_source(str(path), **fields)
+        message = str(e.value)
+        assert message.startswith(f"{path}") and "\n" not in message
+        return message
+
+    good = json.dumps({"question": "q", "answer": "1"})
+    bad_json = error("a.jsonl", f"{good}\n\n{good}\n{{'question': 'q'}}\n")
+    assert "a.jsonl, line 4: not valid JSON (Expecting property name" in bad_json
+    missing = error("b.jsonl", f"{good}\n" + json.dumps({"problem": "q", "answer": "1"}))
+    assert "b.jsonl, line 2: no field 'question' (the row has ['answer', 'problem'])" in missing
+    assert "config.data.question_field" in missing
+    no_answer = error("c.jsonl", good + "\n" + json.dumps({"question": "q"}) + "\n")
+    assert "line 2: no field 'answer'" in no_answer and "config.data.answer_field" in no_answer
+    wrong = error("d.jsonl", json.dumps({"question": "q", "answer": [1, 2]}))
+    assert "line 1: field 'answer' is a list, not a string or a number" in wrong
+    assert "line 1: field 'question' is null" in error(
+        "e.jsonl", json.dumps({"question": None, "answer": 1})
+    )
+    assert "line 1: expected a JSON object, got a list" in error("f.jsonl", "[1, 2]\n")
+    assert "g.json: not valid JSON (Expecting ',' delimiter at line 1" in error(
+        "g.json", '[{"question": "q"} {}]'
+    )
+    assert "h.json: expected a JSON list of objects" in error("h.json", json.dumps({"a": 1}))
+    assert "i.json, row 1: no field 'question'" in error(
+        "i.json", rows=[{"question": "q", "answer": 1}, {"answer": 1}]
+    )
+    parquet = error("j.parquet", rows=[{"q": "x", "answer": "1"}], question_field="question")
+    assert "j.parquet, row 0: no field 'question'" in parquet
+    assert "k.parquet: not a readable parquet file" in error("k.parquet", "not parquet")
+    clash = error("l.jsonl", json.dumps({"question": "q", "answer": 1, "completions": 2}))
+    assert "field 'completions' has the name of a reward function's argument" in clash
+    assert error("m.jsonl", "\n") == f"{tmp_path / 'm.jsonl'}: no rows"
+
+
+def test_parse_source():
+    assert data.parse_source("arith") == data.Source("arith", "arith")
+    assert data.parse_source("gsm8k") == data.Source("registered", "gsm8k")
+    assert data.parse_source("hf:openai/gsm8k:main@test") == data.Source(
+        "hf", "gsm8k", "openai/gsm8k", "main", "test"
+    )
+    assert data.parse_source("hf:org/set") == data.Source("hf", "set", "org/set", None, None)
+    with pytest.raises(ValueError, match=r"no such file \(.*/nowhere/x\.jsonl\)"):
+        data.parse_source("nowhere/x.jsonl")
+    with pytest.raises(ValueError, match=r"not a dataset: .*'gsm8k'.*\.jsonl/\.json/\.parquet"):
+        data.parse_source("data.csv")
+    with pytest.raises(ValueError, match="hf:<dataset id>"):
+        data.parse_source("hf:")
+
+
+def test_hub_datasets(monkeypatch):
+    # Offline (as every test is): one clear line, no traceback from deep inside `datasets`.
+    with pytest.raises(OSError) as e:
+        data.load_source("hf:no-org/no-such-set")
+    message = str(e.value)
+    assert "hub dataset no-org/no-such-set" in message and "split 'train'" in message
+    assert "save it as a .jsonl or .parquet file" in message and "\n" not in message
+    # Online: the rows go through the same fields as a file's (a stand-in for the hub).
+    asked = []
+
+    def hub_rows(dataset_id, config, split):
+        asked.append((dataset_id, config, split))
+        return [{"prompt_text": "q", "target": 3, "source": "x"}]
+
+    monkeypatch.setattr(data, "_hub_rows", hub_rows)
+    fields = dict(question_field="prompt_text", answer_field="target")
+    (example,) = data.load_source("hf:org/set:cfg", for_eval=True, **fields)
+    assert example == Example("q", "3", "math", "set", "0") and example.extra == {"source": "x"}
+    data.load_source("hf:org/set@validation", **fields)
+    assert asked == [("org/set", "cfg", "test"), ("org/set", None, "validation")]
 
 
 # --- prompts ---------------------------------------------------------------------------------

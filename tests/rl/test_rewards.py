@@ -1,4 +1,5 @@
-"""Scoring tricky answers, the format reward, and the verifier workers' hard timeouts."""
+"""Scoring tricky answers, the format reward, the verifier workers' hard timeouts, and the
+reward functions (built-ins and users' own, with their columns, errors and timeouts)."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gxpo.rl.rewards import RewardScorer
+from gxpo.rl.rewards import RewardFunctions, RewardScorer, function_name, resolve_function
 
 # (response, reference, kind, expected score)
 TRICKY = [
@@ -251,3 +252,139 @@ def test_real_sympy_hang_times_out():
         pids = scorer.worker_pids
     assert elapsed < 1.0 + 0.5 + 5.0, elapsed  # the timeout, the kill grace, a cold start
     assert not any(_alive(p) for p in pids)
+
+
+# --- reward functions: built-ins, users' functions, weights ----------------------------------
+
+_USER_REWARDS = """
+import math, time
+
+def by_column(prompts, completions, answers, bonus, **columns):
+    # one call per prompt: every argument is a list over that prompt's responses
+    assert len(set(prompts)) == 1 and len(completions) == len(answers) == len(bonus)
+    return [b + len(completions) + len(columns["tag"][0]) for b in bonus]
+
+def raises(prompts, completions, answers, **columns):
+    if "boom" in prompts[0]:
+        raise RuntimeError("boom")
+    return [1.0] * len(completions)
+
+def hangs(prompts, completions, answers, **columns):
+    if "hang" in prompts[0]:
+        time.sleep(10_000)
+    return [2.0] * len(completions)
+
+def too_few(prompts, completions, answers, **columns):
+    return [1.0]
+
+def not_finite(prompts, completions, answers, **columns):
+    return [math.nan] + [3.0] * (len(completions) - 1)
+
+NOT_A_FUNCTION = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def user_rewards(tmp_path_factory):
+    """Module name of the injected reward functions, importable by fresh worker interpreters."""
+    root = tmp_path_factory.mktemp("rewards")
+    (root / "gxpo_test_rewards.py").write_text(textwrap.dedent(_USER_REWARDS))
+    sys.path.insert(0, str(root))
+    yield "gxpo_test_rewards"
+    sys.path.remove(str(root))
+
+
+def test_user_reward_gets_extra_columns_per_prompt(user_rewards, scorer):
+    functions = ("correct", "boxed_format", f"{user_rewards}:by_column")
+    with RewardFunctions(functions, (1.0, 0.1, 0.5), scorer=scorer, num_workers=2) as f:
+        scores = f(
+            ["q0", "q0", "q1", "q1", "q1"],  # prompts of 2 and 3 responses
+            [r"\boxed{4}", "4", r"\boxed{5}", "x", r"\boxed{7}"],
+            ["4", "4", "4", "4", "7"],
+            "math",
+            [{"bonus": 10 * i, "tag": "ab"} for i in range(5)],
+            groups=[0, 0, 1, 1, 1],
+        )
+    assert list(scores.parts) == ["correct", "boxed_format", "by_column"]
+    np.testing.assert_array_equal(scores.parts["correct"], [1, 1, 0, 0, 1])
+    np.testing.assert_array_equal(scores.parts["boxed_format"], [1, 0, 1, 0, 1])
+    # bonus + the call's size (2 or 3 responses) + len("ab"): the columns reached the function
+    np.testing.assert_array_equal(scores.parts["by_column"], [4, 14, 25, 35, 45])
+    expected = scores.parts["correct"] + 0.1 * scores.parts["boxed_format"]
+    np.testing.assert_allclose(scores.rewards, expected + 0.5 * scores.parts["by_column"])
+    np.testing.assert_array_equal(scores.correct, [True, True, False, False, True])
+    assert scores.counts["reward/by_column/errors"] == scores.counts["reward/by_column/timeouts"]
+    assert scores.counts["reward/by_column/errors"] == 0
+
+
+def test_boxed_format_is_the_old_format_reward(scorer):
+    responses, refs = [r"\boxed{4}", r"\boxed{5}", "The answer is 4."], ["4"] * 3
+    old, _ = scorer.score_batch(responses, refs, "math", format_reward=0.1)
+    with RewardFunctions(("correct", "boxed_format"), (1.0, 0.1), scorer=scorer) as f:
+        new = f(["q"] * 3, responses, refs, "math").rewards
+    np.testing.assert_allclose(new, old, rtol=1e-6)
+
+
+def test_raising_and_hanging_rewards_score_zero_and_are_counted(user_rewards, caplog):
+    functions = (f"{user_rewards}:raises", f"{user_rewards}:hangs")
+    with RewardFunctions(functions, timeout_s=0.5, kill_grace_s=0.5, num_workers=2) as f:
+        prompts = ["boom", "boom", "hang", "hang", "fine", "fine"]
+        start = time.perf_counter()
+        scores = f(prompts, ["a"] * 6, [None] * 6, groups=[0, 0, 1, 1, 2, 2])
+        elapsed = time.perf_counter() - start
+        np.testing.assert_array_equal(scores.parts["raises"], [0, 0, 1, 1, 1, 1])
+        np.testing.assert_array_equal(scores.parts["hangs"], [2, 2, 0, 0, 2, 2])
+        np.testing.assert_array_equal(scores.rewards, [2, 2, 1, 1, 3, 3])
+        assert scores.counts == {
+            "reward/raises/errors": 2,
+            "reward/raises/timeouts": 0,
+            "reward/hangs/errors": 0,
+            "reward/hangs/timeouts": 2,
+        }
+        assert scores.correct is None  # no answers: no accuracy
+        assert elapsed < 0.5 + 0.5 + 5.0, elapsed  # the timeout, the kill grace, worker starts
+        assert "RuntimeError: boom" in caplog.text and "timeout_s=0.5" in caplog.text
+        # Still usable afterwards (a fresh worker replaced the hung one).
+        again = f(["fine"] * 2, ["a"] * 2, [None] * 2)
+        np.testing.assert_array_equal(again.rewards, [3, 3])
+        pids = f.worker_pids
+    assert not any(_alive(p) for p in pids)
+
+
+def test_bad_values_score_zero(user_rewards):
+    functions = (f"{user_rewards}:too_few", f"{user_rewards}:not_finite")
+    with RewardFunctions(functions, num_workers=1) as f:
+        scores = f(["q"] * 3, ["a"] * 3, [None] * 3)
+    np.testing.assert_array_equal(scores.parts["too_few"], [0, 0, 0])
+    np.testing.assert_array_equal(scores.parts["not_finite"], [0, 3, 3])
+    assert scores.counts["reward/too_few/errors"] == 3
+    assert scores.counts["reward/not_finite/errors"] == 1
+
+
+def test_reward_function_errors(user_rewards):
+    assert resolve_function("correct") is None and function_name("a.b:c") == "c"
+    with pytest.raises(ValueError, match="neither a built-in"):
+        resolve_function("accuracy")
+    with pytest.raises(ValueError, match=r"'no_such_module_xyz' does not import.*PYTHONPATH"):
+        resolve_function("no_such_module_xyz:f")
+    with pytest.raises(ValueError, match="no attribute 'missing'"):
+        resolve_function(f"{user_rewards}:missing")
+    with pytest.raises(ValueError, match="non-callable 'NOT_A_FUNCTION'"):
+        resolve_function(f"{user_rewards}:NOT_A_FUNCTION")
+    with pytest.raises(ValueError, match="weights has 1 entries for 2"):
+        RewardFunctions(("correct", "boxed_format"), (1.0,))
+    with pytest.raises(ValueError, match="share a name"):
+        RewardFunctions((f"{user_rewards}:hangs", "other_module:hangs"))
+    with RewardFunctions(("correct",)) as f, pytest.raises(ValueError, match="needs a reference"):
+        f(["q"], ["a"], [None])
+
+
+def test_length_penalty_example():
+    from examples.rewards import length_penalty  # noqa: PLC0415 (the README's example)
+
+    assert length_penalty(["q"] * 3, ["a" * 10, "a" * 15, "a" * 40], [None] * 3, [10] * 3) == [
+        -0.0,
+        -0.5,
+        -1.0,
+    ]
+    assert length_penalty(["q"], ["a" * 300], [None]) == [-0.5]  # the default budget, 200
