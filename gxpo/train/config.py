@@ -205,7 +205,7 @@ def _source(field: str, entry: Any) -> Any:
 def _validate_reward(config: Any, train: Any, evals: list) -> None:
     """config.reward: known or importable functions (imported here, before any model load),
     one weight each, and answers in the data where `correct` needs them."""
-    rw, d = config.reward, config.data
+    rw, d, r = config.reward, config.data, config.rollout
     functions, weights = tuple(rw.functions), tuple(rw.weights)
     _check(
         len(functions) >= 1,
@@ -239,6 +239,19 @@ def _validate_reward(config: Any, train: Any, evals: list) -> None:
         "must be finite numbers",
     )
     _check(rw.timeout_s > 0, "reward.timeout_s", rw.timeout_s, "must be > 0")
+    _check(
+        0 <= rw.overlong_buffer <= r.max_new_tokens,
+        "reward.overlong_buffer",
+        rw.overlong_buffer,
+        f"must be in [0, rollout.max_new_tokens={r.max_new_tokens}] (0 = off)",
+    )
+    _check(rw.overlong_penalty >= 0, "reward.overlong_penalty", rw.overlong_penalty, "must be >= 0")
+    _check(
+        r.max_resample_rounds >= 0,
+        "rollout.max_resample_rounds",
+        r.max_resample_rounds,
+        "must be >= 0",
+    )
     if d.answer_field:
         return
     without = [s for s in (train, *evals) if s.kind in ("file", "hf")]

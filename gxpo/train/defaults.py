@@ -74,6 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
     # (fewer padded tokens per backward pass, at most max_new_tokens / bucket compilations);
     # 0 = always prompt + max_new_tokens.
     c.rollout.length_bucket = 256
+    # DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero advantage, no
+    # signal) and sample more prompts, up to max_resample_rounds more calls, until the batch is
+    # full of groups that vary; a batch still short is topped up with the dropped groups.
+    c.rollout.filter_groups = False
+    c.rollout.max_resample_rounds = 3
 
     c.loss = ml_collections.ConfigDict()
     c.loss.clip_eps_low = 0.2
@@ -106,6 +111,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Hard limit, in seconds, on one answer's verification and on one call of a user's function:
     # past it the rows score 0 and count in reward/<name>/timeouts.
     c.reward.timeout_s = 3.0
+    # DAPO's soft overlong penalty, added to the reward: 0 up to max_new_tokens - buffer tokens,
+    # then falling linearly to -overlong_penalty at max_new_tokens; logged as reward/overlong.
+    c.reward.overlong_buffer = 0  # tokens; 0 = off
+    c.reward.overlong_penalty = 1.0
 
     c.policy_update = ml_collections.ConfigDict()
     c.policy_update.name = "gxpo"  # a registered policy update (gxpo.train.updates.names())

@@ -321,11 +321,74 @@ class Trainer:
                 rows = self._sample_rows(examples, samples, scores, ~ended_B)
                 self.logger.log_samples(self.step + 1, rows)
         lengths_B = samples.lengths_B
-        return self.make_batch(samples, rewards), {
+        metrics = {
             **reward_metrics,
             "response_length_mean": float(np.mean(lengths_B)),
             "response_length_max": int(np.max(lengths_B)),
         }
+        if self.config.rollout.filter_groups:
+            samples, rewards, filter_metrics = self._varied_groups(samples, rewards, key)
+            metrics.update(filter_metrics)
+        return self.make_batch(samples, rewards), metrics
+
+    def _varied_groups(
+        self, samples: Samples, rewards: jax.Array, key: jax.Array
+    ) -> tuple[Samples, jax.Array, dict]:
+        """DAPO's dynamic sampling: the step's batch made of groups whose rewards vary, sampling
+        up to `rollout.max_resample_rounds` more batches of prompts (the data iterator moves on,
+        so a resumed run draws the same) until Q such groups are found; a batch still short is
+        topped up with the uniform groups, first round first. Returns the new samples (every
+        row on every process), rewards and metrics."""
+        c = self.config
+        G, Q = c.rollout.responses_per_prompt, c.rollout.prompts_per_step
+        rounds = []  # per round: host arrays of every row, and which groups vary
+
+        def collect(s: Samples, r: jax.Array) -> int:
+            r_B = rows_lib.to_host(r)
+            out = [rows_lib.to_host(a) for a in s.out]  # tokens, masks, logprobs, lengths
+            varied_Q = np.ptp(r_B.reshape(-1, G), axis=1) > 0
+            rounds.append((out, r_B, varied_Q))
+            return int(varied_Q.sum())
+
+        found, extra = collect(samples, rewards), 0
+        while found < Q and extra < c.rollout.max_resample_rounds:
+            extra += 1
+            examples = next(self.train_iter)
+            more = self._sample(
+                examples,
+                jax.random.fold_in(key, 1_000_000 + extra),  # apart from the chunks' keys
+                self.rollout_sampling,
+                own_rows=True,
+                chunks=c.rollout.sample_chunks,
+            )
+            found += collect(more, self.score(examples, more)[0])
+        # Kept groups in order, then uniform ones; prompts left-padded to the longest round's.
+        picks = [(i, q) for want in (True, False) for i, (_, _, v) in enumerate(rounds)
+                 for q in np.flatnonzero(v == want)][:Q]  # fmt: skip
+        width = max(out[0].shape[1] for out, _, _ in rounds)
+
+        def rows(i: int, q: int, field: int) -> np.ndarray:
+            x = rounds[i][0][field][q * G : (q + 1) * G]
+            if x.ndim == 2 and x.shape[1] < width:
+                fill = self.pad_id if field == 0 else 0
+                x = np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
+            return x
+
+        out = SampleOutput(*(
+            rows_lib.put_rows(self.mesh, np.concatenate([rows(i, q, f) for i, q in picks]))
+            for f in range(len(SampleOutput._fields))
+        ))  # fmt: skip
+        rewards_B = np.concatenate([rounds[i][1][q * G : (q + 1) * G] for i, q in picks])
+        lengths_B = rows_lib.to_host(out.lengths)
+        return (
+            Samples(out, [], lengths_B, slice(None)),
+            rows_lib.put_rows(self.mesh, rewards_B),
+            {
+                "filtered_fraction": float(1 - rounds[0][2].mean()),
+                "resample_rounds": extra,
+                "varied_groups": min(found, Q) / Q,
+            },
+        )
 
     def score(self, examples: list[Example], samples: Samples) -> tuple[jax.Array, dict, Scores]:
         """Every row's reward as one global array (each process scores its own rows), their
@@ -341,6 +404,19 @@ class Trainer:
             [ex.extra for ex in own],
             groups=np.arange(B)[samples.rows] // G,  # one call per prompt's responses
         )
+        rw = self.config.reward
+        if rw.overlong_buffer:  # DAPO's soft overlong penalty, a part of the reward
+            penalty = np.asarray(
+                grpo.overlong_penalty(
+                    samples.lengths_B[samples.rows],
+                    self.config.rollout.max_new_tokens,
+                    rw.overlong_buffer,
+                    rw.overlong_penalty,
+                ),
+                np.float32,
+            )
+            scores.rewards = scores.rewards + penalty
+            scores.parts = {**scores.parts, "overlong": penalty}
         rewards = rows_lib.rows_from_hosts(self.mesh, scores.rewards, samples.rows, B)
         # Every row's parts (and verdict), to average over all processes' rows at once.
         columns = [scores.rewards, *scores.parts.values()]

@@ -140,3 +140,58 @@ def test_the_authors_switch_sets_their_recipe_and_checks():
         qwen2p5_1p5b.get_config("h100x2,authors")
     with pytest.raises(ValueError, match="authors"):
         smollm2_arith.get_config("paper")
+
+
+def test_filter_groups_refills_the_batch_and_overlong_penalty_scores(tmp_path):
+    """The first round's groups are all uniform, the next one's all vary: one resampling round
+    fills the batch with varied groups only. The overlong penalty is a logged reward part."""
+    c = _config("grpo")
+    c.rollout.filter_groups = True
+    c.reward.overlong_buffer, c.reward.overlong_penalty = 4, 0.5
+    trainer = Trainer(c, tmp_path)
+    calls = []
+
+    def score_batch(texts, refs, kinds, format_reward=0.0):
+        calls.append(len(texts))
+        varied = len(calls) > 1
+        return (np.arange(len(texts)) % 2 == 0) & varied, RewardStats(count=len(texts))
+
+    trainer.scorer.score_batch = score_batch
+    position = trainer.train_iter.state()
+    examples = next(trainer.train_iter)
+    batch, metrics = trainer.rollout(examples, jax.random.key(0))
+    assert metrics["filtered_fraction"] == 1.0 and metrics["resample_rounds"] == 1
+    assert metrics["varied_groups"] == 1.0 and len(calls) == 2
+    G = c.rollout.responses_per_prompt
+    adv = np.asarray(batch.advantages).reshape(-1, G)
+    assert (np.ptp(adv, axis=1) > 0).all()  # every group of the batch teaches something
+    assert trainer.train_iter.state() != position  # the extra prompts came from the data
+    # The overlong part: -0.5 * (length - 4) / 4 beyond 4 of the 8 new tokens, in the mean.
+    samples = trainer._sample(examples, jax.random.key(1), trainer.rollout_sampling, own_rows=True)
+    _, m, _ = trainer.score(examples, samples)
+    want = -0.5 * np.clip((samples.lengths_B - 4) / 4, 0, 1)
+    np.testing.assert_allclose(m["reward/overlong"], want.mean(), rtol=1e-6)
+
+
+def test_resume_is_bit_exact_with_epochs_and_filtering(tmp_path):
+    def config(steps):
+        c = _config("gxpo", steps=steps, checkpoint_every=0, epochs=2)
+        c.rollout.filter_groups = True
+        c.eval.every, c.eval.at_start = 0, False
+        c.data.eval = ()
+        return c
+
+    straight = _fake_rewards(Trainer(config(3), tmp_path / "a"))
+    straight.run()
+    _fake_rewards(Trainer(config(2), tmp_path / "b")).run()
+    resumed = _fake_rewards(Trainer(config(3), tmp_path / "b"))
+    assert resumed.step == 2
+    resumed.run()
+    keep = straight.state._replace(wall_seconds=0.0), resumed.state._replace(wall_seconds=0.0)
+    for a, b in zip(*map(jax.tree.leaves, keep)):
+        np.testing.assert_array_equal(a, b)
+    rows = [read_jsonl(tmp_path / d / "metrics.jsonl") for d in "ab"]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]
+    assert any(r["filtered_fraction"] > 0 for r in rows[0])  # the filter did drop groups
+    for ra, rb in zip(*rows):
+        assert ra["loss"] == rb["loss"] and ra["resample_rounds"] == rb["resample_rounds"]
