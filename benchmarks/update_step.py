@@ -14,6 +14,10 @@ ratios the issue asks for, for the last model:
     gxpo_over_grpo=<r> gxpo_over_sfpo3=<r> gxpo_off_over_grpo=<r>
 
 (GXPO at K=5; physical limits 3.0, 0.75 and 1.0: a gradient evaluation is the unit of cost.)
+"gxpo K=5 off" is GXPO after its gate has shut extrapolation off for good, run as the Trainer
+runs it then: the plain inner step's own program (`gxpo.train.builders.plain_step`) on GXPO's
+state; "gxpo K=5 off cond" is the same step through GXPO's own program, whose `lax.cond` still
+carries the probe branch (what the Trainer ran before; `gxpo_off_cond_over_grpo`).
 
 Shapes: the key in `gxpo.models.config`; here Q prompts, G responses per prompt, B = Q * G, P
 prompt tokens, A response tokens, T = P + A; the loss sees a window of A + 1 tokens (the last
@@ -56,6 +60,7 @@ class Variant:
     policy: str  # a registered policy update (gxpo.train.updates)
     depth: int = 0  # its depth field (SFPO fast_steps, GXPO virtual_depth); 0 = the default
     gate_on: bool = True
+    cond_when_off: bool = False  # gate off: the policy update's own program, not the plain step's
     grad_evals: int = 1
     group: tuple[tuple[str, Any], ...] = ()  # further fields of config.policy_update.<policy>
 
@@ -69,6 +74,7 @@ VARIANTS = (
     Variant("gxpo K=5 clip", "gxpo", 5, grad_evals=3, group=(("retention", "clipped_gradient"),)),
     Variant("gxpo K=5 upd", "gxpo", 5, grad_evals=3, group=(("retention", "update"),)),
     Variant("gxpo K=5 off", "gxpo", 5, gate_on=False),
+    Variant("gxpo K=5 off cond", "gxpo", 5, gate_on=False, cond_when_off=True),
 )
 
 
@@ -208,13 +214,19 @@ def variant_config(variant: Variant, args: argparse.Namespace) -> ml_collections
 def build_step(
     variant: Variant, args: argparse.Namespace, model_config: Any, trainable: dict
 ) -> tuple[Any, Any]:
-    """(jitted update, its initial train state on its own copy of the trainable weights)."""
+    """(jitted update, its initial train state on its own copy of the trainable weights); with
+    the gate off for good, the program the Trainer then runs (unless `cond_when_off`)."""
     c = variant_config(variant, args)
     tx = builders.policy_update(c)
     own = jax.tree.map(jnp.copy, trainable)  # each variant's steps donate their own copy
     opt_state = tx.init(own)
     if not variant.gate_on:
         opt_state = opt_state._replace(gate=opt_state.gate._replace(on=jnp.array(False)))
+        plain = builders.plain_step(c, tx)
+        if not plain.is_off(opt_state):
+            raise RuntimeError(f"{variant.label}: the gate is off, but not for good")
+        if not variant.cond_when_off:
+            tx = plain.tx
     state = init_state(own, opt_state, {"position": 0})
     return builders.update_step(c, model_config, tx), state
 
@@ -248,7 +260,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Result]:
         compiled.append(exe)
         states.append(state)
         results.append(Result(v, [], [], [], [], compile_s, temp, io, 0))
-        print(f"  compiled {v.label:<13} in {compile_s:6.1f} s", flush=True)
+        print(f"  compiled {v.label:<17} in {compile_s:6.1f} s", flush=True)
 
     with PeakRSS() as rss:
         for rep in range(args.warmup + args.repeats):
@@ -284,7 +296,7 @@ def median(r: Result, cpu: bool = False) -> float:
 def format_table(results: list[Result]) -> str:
     base = next((median(r) for r in results if r.variant.label == "grpo"), None)
     head = (
-        f"{'variant':<13} {'evals':>5} {'median s':>9} {'min s':>8} {'max s':>8} "
+        f"{'variant':<17} {'evals':>5} {'median s':>9} {'min s':>8} {'max s':>8} "
         f"{'x grpo':>7} {'per eval':>8} {'cpu s':>8} {'sys s':>6} {'faults':>7} {'temp MiB':>9} "
         f"{'args+out':>9} {'RSS MiB':>8}"
     )
@@ -295,7 +307,7 @@ def format_table(results: list[Result]) -> str:
         per_eval = f"{m / base / r.variant.grad_evals:8.2f}" if base else f"{'-':>8}"
         rss = f"{r.peak_rss_bytes / MIB:8.0f}" if r.peak_rss_bytes else f"{'-':>8}"
         lines.append(
-            f"{r.variant.label:<13} {r.variant.grad_evals:>5} {m:9.3f} {min(r.seconds):8.3f} "
+            f"{r.variant.label:<17} {r.variant.grad_evals:>5} {m:9.3f} {min(r.seconds):8.3f} "
             f"{max(r.seconds):8.3f} {rel} {per_eval} {median(r, cpu=True):8.2f} "
             f"{statistics.median(r.sys_seconds):6.2f} {statistics.median(r.faults):7.0f} "
             f"{r.temp_bytes / MIB:9.1f} {r.io_bytes / MIB:9.1f} {rss}"
@@ -315,7 +327,8 @@ def ratios_line(results: list[Result], cpu: bool = False) -> str:
         f"gxpo_clipped_over_grpo={ratio('gxpo K=5 clip', 'grpo')} "
         f"gxpo_update_over_grpo={ratio('gxpo K=5 upd', 'grpo')} "
         f"gxpo_over_sfpo3={ratio('gxpo K=5', 'sfpo K=3')} "
-        f"gxpo_off_over_grpo={ratio('gxpo K=5 off', 'grpo')}"
+        f"gxpo_off_over_grpo={ratio('gxpo K=5 off', 'grpo')} "
+        f"gxpo_off_cond_over_grpo={ratio('gxpo K=5 off cond', 'grpo')}"
     )
 
 

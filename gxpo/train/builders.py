@@ -204,6 +204,22 @@ def policy_update(config: ml_collections.ConfigDict) -> optax.GradientTransforma
         raise _config_error(e, config, pu.name, group, the_gate) from None
 
 
+def plain_step(
+    config: ml_collections.ConfigDict, tx: optax.GradientTransformationExtraArgs
+) -> updates.PlainStep | None:
+    """The plain step `tx` (the config's policy update, from `policy_update`) runs once its gate
+    has shut extrapolation off for good (`gxpo.train.updates.PlainStep`), or None where it has
+    none (GRPO, no gate). Build its jitted step with `update_step(config, model_config,
+    plain.tx)`: it takes and gives the same train state as `tx`'s."""
+    pu = config.policy_update
+    entry = updates.get(pu.name)
+    if entry.plain_step is None:
+        return None
+    settings = {f: config.optimizer[f] for f in entry.optimizer_fields}
+    # The same inner optimizer and gate as `tx` wraps (pure functions of the config).
+    return entry.plain_step(tx, inner_optimizer(config), gate(config), **_group(pu), **settings)
+
+
 def update_step(
     config: ml_collections.ConfigDict,
     model_config: ModelConfig,

@@ -194,14 +194,25 @@ class Trainer:
         self.batch_sharding = mesh_lib.row_shardings(
             self.mesh, self.update_rows, loss_lib.BATCH_RANKS
         )
-        update = builders.update_step(
-            self.config,
-            self.model_config,
-            self.tx,
+        shardings = dict(
             in_shardings=(state_sh, frozen_sh, self.batch_sharding),
             out_shardings=(state_sh, self.scalar_sharding),
         )
+        update = builders.update_step(self.config, self.model_config, self.tx, **shardings)
         self.update = mesh_lib.on_mesh(self.mesh, update)
+        # Once the gate has shut extrapolation off for good, the plain inner step's own program
+        # (compiled on first use): the policy update's carries the probe branch of its cond.
+        self.plain = builders.plain_step(self.config, self.tx)
+        if self.plain is not None:
+            plain = builders.update_step(self.config, self.model_config, self.plain.tx, **shardings)
+            self.update_plain = mesh_lib.on_mesh(self.mesh, plain)
+
+    def _update_program(self, state: TrainState) -> Any:
+        """The plain step's program if `state` is past shutoff for good (it stays so: a resumed
+        run picks it from its restored state), else the policy update's."""
+        if self.plain is not None and self.plain.is_off(state.opt_state):
+            return self.update_plain
+        return self.update
 
     @property
     def step(self) -> int:
@@ -530,10 +541,11 @@ class Trainer:
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
         state, per_update = self.state, []
+        update = self._update_program(state)  # the last step's updates are done: no wait
         for epoch in range(self.config.train.epochs):
             for mini in self._mini_batches(batch, step, epoch):
                 mini = jax.device_put(mini, self.batch_sharding)
-                state, m = self.update(state, self.frozen, mini)
+                state, m = update(state, self.frozen, mini)
                 per_update.append(m)
         per_update = jax.device_get(per_update)
         t2 = time.perf_counter()

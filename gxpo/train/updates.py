@@ -17,6 +17,11 @@ The update step hands every `tx.update` a `grad_fn=` (params -> the mini-batch's
 there, accumulated over micro-batches where configured), so a policy update needs no loss
 function of its own. Its state may hold an `info` NamedTuple of scalar diagnostics, logged as
 `<name>/<field>`; `info.grad_evals` is the step's gradient evaluations (1 without it).
+
+A gated policy update may also say, through `plain_step`, what it runs once its gate has shut
+extrapolation off for good: its plain inner step as a program of its own, which the Trainer
+then runs instead of the update's (whose `lax.cond` still carries the probe branch and its
+buffers), so that after shutoff a step costs what a GRPO step costs.
 """
 
 from __future__ import annotations
@@ -25,13 +30,41 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from gxpo.optim import ZScoreGate, adamw_direction, gxpo, sfpo
+from gxpo.optim._common import norm_f32
 
 # (inner, gate, **config group) -> the policy update
 Factory = Callable[..., optax.GradientTransformationExtraArgs]
 _RESERVED = ("name", "gate")  # config.policy_update fields that are not policy updates
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainStep:
+    """What a gated policy update runs once its gate has shut extrapolation off for good.
+
+    Attributes:
+      tx: the plain inner step as a transformation of its own, on the policy update's own state
+        (`tx.init` is the policy update's: the train state and its checkpoints keep their
+        structure), returning what the update's plain branch returns (updates, state, `info`)
+        bit for bit, without the probe branch. (In a jitted step that adds the updates to the
+        params, XLA may fuse that add with the inner step's last multiply, one FMA, where
+        under the `lax.cond` the updates leave the branch rounded: the new params may then
+        differ by one rounding, as GRPO's step rounds them.)
+      is_off: `opt_state -> bool`, read on the host: whether the state is past shutoff for
+        good, so that every later step of the policy update is the plain one. The Trainer asks
+        it before each step (a resumed run asks its restored state).
+    """
+
+    tx: optax.GradientTransformationExtraArgs
+    is_off: Callable[[optax.OptState], bool]
+
+
+# (tx, inner, gate, **config group, **optimizer fields) -> PlainStep, or None
+PlainStepFactory = Callable[..., PlainStep | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +88,11 @@ class PolicyUpdate:
       optimizer_fields: fields of `config.optimizer` the factory also receives, as keyword
         arguments of the same names (e.g. GXPO's update-space retention needs the learning
         rate and weight decay).
+      plain_step: `(tx, inner, gate, **group, **optimizer fields) -> PlainStep | None`, `tx`
+        the policy update the factory built from the same arguments: its plain step after
+        shutoff, or None where this configuration never shuts off for good (no gate). None
+        (the default): the update always runs its own program (GRPO: nothing to shut off).
+        `gated_plain_step` serves a combinator shaped like `gxpo` and `sfpo`.
     """
 
     name: str
@@ -64,6 +102,7 @@ class PolicyUpdate:
     step_buffers: int = 4
     depth_field: str | None = None
     optimizer_fields: tuple[str, ...] = ()
+    plain_step: PlainStepFactory | None = None
 
     def updates_per_step(self, group: Mapping[str, Any]) -> int:
         """Inner-optimizer updates of one active step with these group fields."""
@@ -111,6 +150,44 @@ def get(name: str) -> PolicyUpdate:
     return _REGISTRY[name]
 
 
+def gated_plain_step(
+    tx: optax.GradientTransformationExtraArgs,
+    inner: optax.GradientTransformation,
+    gate: ZScoreGate | None,
+) -> PlainStep | None:
+    """The plain step after shutoff of a combinator shaped like `gxpo` and `sfpo` (one
+    mini-batch): a state `(inner_state, gate, info)` around `inner` and a `ZScoreGate`, whose
+    plain branch is `inner.update(g0, inner_state, params)` with the gate idling and an `info`
+    that is zero but for `grad_evals=1` and `initial_norm=||g0||`. None without a gate.
+
+    The gate is off for good when it is off and either `fallback="permanent"` or its
+    `max_active_steps` cap is reached (a temporary gate re-arms only below the cap); it then
+    stays off, and its `idle` (which still counts a temporary gate's plain steps) runs here too,
+    so the state evolves bit for bit as under the combinator's `lax.cond`.
+    """
+    if gate is None:
+        return None
+    cap = gate.max_active_steps
+
+    def is_off(state: optax.OptState) -> bool:
+        if bool(state.gate.on):
+            return False
+        return gate.fallback == "permanent" or (cap is not None and int(state.gate.count) >= cap)
+
+    def update_fn(updates, state, params=None, **unused):
+        del unused  # grad_fn & co: a plain step evaluates no other gradient
+        new_updates, inner_state = inner.update(updates, state.inner_state, params)
+        zeros = jax.tree.map(jnp.zeros_like, state.info)
+        info = zeros._replace(
+            grad_evals=jnp.ones_like(zeros.grad_evals), initial_norm=norm_f32(updates)
+        )
+        return new_updates, state._replace(
+            inner_state=inner_state, gate=gate.idle(state.gate), info=info
+        )
+
+    return PlainStep(optax.GradientTransformationExtraArgs(tx.init, update_fn), is_off)
+
+
 # ----------------------------------------------------------------------------- built-ins
 
 
@@ -131,6 +208,30 @@ def _sfpo(
     **group: Any,
 ):
     return sfpo(inner, gate=gate, min_initial_norm=_min_norm(min_initial_norm), **group)
+
+
+def _sfpo_plain(
+    tx: optax.GradientTransformationExtraArgs,
+    inner: optax.GradientTransformation,
+    gate: ZScoreGate | None,
+    *,
+    mini_batches: int | None = None,
+    **group: Any,
+) -> PlainStep | None:
+    del group
+    if mini_batches is not None and mini_batches > 1:  # a plain step is a pass over them all
+        return None
+    return gated_plain_step(tx, inner, gate)
+
+
+def _gxpo_plain(
+    tx: optax.GradientTransformationExtraArgs,
+    inner: optax.GradientTransformation,
+    gate: ZScoreGate | None,
+    **group: Any,
+) -> PlainStep | None:
+    del group  # the plain step is the inner step whatever the retention, depth, ...
+    return gated_plain_step(tx, inner, gate)
 
 
 def _gxpo(
@@ -181,6 +282,7 @@ register(
         inner_updates=lambda fast_steps, **_: fast_steps + 1,
         step_buffers=8,
         depth_field="fast_steps",
+        plain_step=_sfpo_plain,
     )
 )
 register(
@@ -206,5 +308,6 @@ register(
         step_buffers=12,
         depth_field="virtual_depth",
         optimizer_fields=("lr", "weight_decay", "grad_clip"),
+        plain_step=_gxpo_plain,
     )
 )
