@@ -95,3 +95,19 @@ def test_workdir_alone_reads_the_runs_config_through_the_config_flag():
     assert _with_run_config(["e", "--workdir=runs/a"])[1] == f"--config={RUN_CONFIG_FILE}:runs/a"
     both = ["e", "--config=configs/tiny.py", "--workdir=runs/a"]
     assert _with_run_config(both) == both  # main refuses the pair with one line
+
+
+@pytest.mark.parametrize("bonus", [0.0, 0.2])
+def test_a_run_from_before_reward_functions_loads_with_the_same_reward(bonus, tmp_path):
+    import json  # noqa: PLC0415
+
+    from gxpo.train.run_state import load_config  # noqa: PLC0415
+
+    values = json.loads(tiny_config().to_json())
+    values["loss"]["format_reward"] = bonus  # the field a run wrote before `reward.functions`
+    del values["reward"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    config = load_config(tmp_path)
+    assert "format_reward" not in config.loss
+    want = (("correct", "boxed_format"), (1.0, bonus)) if bonus else (("correct",), ())
+    assert (tuple(config.reward.functions), tuple(config.reward.weights)) == want

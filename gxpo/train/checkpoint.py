@@ -399,12 +399,18 @@ class Checkpointer:
         """
         step = self._committed_step(step)
         where = self.directory / str(step)
+        # A checkpoint written before gxpo kept checksums has no such item at all: read it
+        # unverified, with a warning (one whose manifest is there but unreadable is corrupt).
+        legacy = not (where / CHECKSUM_ITEM).exists()
         try:
-            manifest = self._manager.restore(
-                step, args=ocp.args.Composite(**{CHECKSUM_ITEM: ocp.args.JsonRestore()})
-            )[CHECKSUM_ITEM]
-            if not isinstance(manifest, dict):
-                raise ValueError(f"the `{CHECKSUM_ITEM}` item is missing")
+            if legacy:
+                manifest = None
+            else:
+                manifest = self._manager.restore(
+                    step, args=ocp.args.Composite(**{CHECKSUM_ITEM: ocp.args.JsonRestore()})
+                )[CHECKSUM_ITEM]
+                if not isinstance(manifest, dict):
+                    raise ValueError(f"the `{CHECKSUM_ITEM}` item is missing")
         except Exception as e:
             raise CorruptCheckpointError(
                 f"checkpoint {where} has no readable checksum manifest ({_reason(e)})"
@@ -422,6 +428,11 @@ class Checkpointer:
             _leaf_name(path): np.asarray(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]
         }
+        if manifest is None:
+            if step not in self._verified:
+                _warn(f"checkpoint {where} predates checksums: restored without verifying it.")
+            self._verified.add(step)
+            return arrays
         bad = _differences(manifest, arrays)
         if bad:
             raise CorruptCheckpointError(f"checkpoint {where} fails its checksums: {_listed(bad)}")

@@ -90,6 +90,11 @@ def load_config(workdir: str | Path) -> ml_collections.ConfigDict:
         values = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    # A run from before the format bonus became a reward function: the same reward, new fields.
+    bonus = values.get("loss", {}).pop("format_reward", None)
+    if bonus:
+        values["reward"] = dict(values.get("reward", {}), functions=["correct", "boxed_format"])
+        values["reward"]["weights"] = [1.0, bonus]
     config = base_config()
     _merge(config, _tuples(values), path, "")
     return config

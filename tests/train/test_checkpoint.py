@@ -407,3 +407,17 @@ def test_full_disk_during_a_save_leaves_the_previous_checkpoint_usable(
         step, restored = ckpt.restore_newest_intact(target=state)
         assert step == 1
         assert_bitwise_equal(restored, state)
+
+
+def test_a_checkpoint_from_before_checksums_restores_with_a_warning(tmp_path, state, capsys):
+    import shutil  # noqa: PLC0415
+
+    with Checkpointer(tmp_path, max_to_keep=None, async_save=False) as ckpt:
+        ckpt.save(1, state)
+    shutil.rmtree(tmp_path / CHECKPOINT_DIR / "1" / "checksums")  # as gxpo wrote it before
+    capsys.readouterr()
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        step, restored = ckpt.restore_newest_intact(target=state)
+    assert step == 1
+    assert_bitwise_equal(restored, state)
+    assert "predates checksums" in capsys.readouterr().err
