@@ -37,6 +37,14 @@ def check_common(
         raise argument_error(owner, "has_aux", "must be a bool", has_aux)
 
 
+def check_min_initial_norm(owner: str, min_initial_norm: Any) -> None:
+    """`min_initial_norm` of `gxpo` and `sfpo`: None, or a number >= 0 (or traced)."""
+    ok = is_traced(min_initial_norm) or (is_real(min_initial_norm) and min_initial_norm >= 0)
+    if min_initial_norm is not None and not ok:
+        rule = "must be a number >= 0 or None"
+        raise argument_error(owner, "min_initial_norm", rule, min_initial_norm)
+
+
 def resolve_grad_fn(
     owner: str,
     loss_fn: Callable[..., Any] | None,

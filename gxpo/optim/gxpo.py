@@ -309,10 +309,7 @@ def gxpo(
     if update_direction is not None and not callable(update_direction):
         rule = "must be callable (updates, params) -> direction, or None"
         raise argument_error("gxpo", "update_direction", rule, update_direction)
-    ok_norm = is_traced(min_initial_norm) or (is_real(min_initial_norm) and min_initial_norm >= 0)
-    if min_initial_norm is not None and not ok_norm:
-        rule = "must be a number >= 0 or None"
-        raise argument_error("gxpo", "min_initial_norm", rule, min_initial_norm)
+    _common.check_min_initial_norm("gxpo", min_initial_norm)
     r_lo, r_hi = _check_pair("ratio_clip", ratio_clip)
     s_lo, s_hi = _check_pair("scale_clip", scale_clip)
     if s_hi is None:

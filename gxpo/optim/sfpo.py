@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from gxpo.optim import _common
-from gxpo.optim._checks import argument_error, is_int, is_real, is_traced
+from gxpo.optim._checks import argument_error, is_int
 from gxpo.optim.gate import GateState, ZScoreGate
 
 
@@ -149,10 +149,7 @@ def sfpo(
     if mini_batches is not None and not (is_int(mini_batches) and mini_batches >= 1):
         rule = "must be an int >= 1 or None"
         raise argument_error("sfpo", "mini_batches", rule, mini_batches)
-    ok_norm = is_traced(min_initial_norm) or (is_real(min_initial_norm) and min_initial_norm >= 0)
-    if min_initial_norm is not None and not ok_norm:
-        rule = "must be a number >= 0 or None"
-        raise argument_error("sfpo", "min_initial_norm", rule, min_initial_norm)
+    _common.check_min_initial_norm("sfpo", min_initial_norm)
     m = 1 if mini_batches is None else mini_batches
 
     def init_fn(params: optax.Params) -> SFPOState:

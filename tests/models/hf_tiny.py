@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 VOCAB = 96
 WIDTH = 96  # the longest sum in these models: intermediate_size (and 4 heads x head_dim 24)
@@ -104,3 +105,14 @@ def decoder_terms(layers: int, width: int) -> int:
     """The rounded additions behind one logit: per layer six chained sums of at most `width`
     terms (q/k/v, scores, weighted values, o_proj, gate/up, down_proj), then the output head."""
     return (6 * layers + 1) * width
+
+
+def word_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer of `vocab_size` ids (<unk>, <s>, </s>, w3, w4, ...) to save beside
+    a tiny checkpoint."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )

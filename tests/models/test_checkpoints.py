@@ -22,10 +22,10 @@ from hf_tiny import (
     hf_model,
     padded_batch,
     save,
+    word_tokenizer,
 )
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gxpo.models import (
     PRESETS,
@@ -46,15 +46,6 @@ def _randomize_adapters(model, seed=0):
     for i, name in enumerate(model.config.lora_targets):
         b = getattr(model.layers, name).lora_b
         b.value = 0.2 * jax.random.normal(jax.random.key(seed + i), b.value.shape)
-
-
-def _tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 @pytest.mark.parametrize(
@@ -120,7 +111,7 @@ def test_bfloat16_checkpoint_is_cast_on_load(tmp_path):
 def test_tokenizer_is_loaded_and_exported(tmp_path):
     ref_model = hf_model(hf_config("llama", tie=True))
     path = save(ref_model, tmp_path / "ckpt")
-    _tokenizer(VOCAB - 10).save_pretrained(path)
+    word_tokenizer(VOCAB - 10).save_pretrained(path)
     model, tokenizer = load_pretrained(path)
     assert len(tokenizer) == VOCAB - 10 and tokenizer.eos_token_id == 2
     out = export_merged(model, tmp_path / "out", tokenizer)
@@ -248,7 +239,7 @@ BAD_INPUTS = {
         r"unexpected tensor 'model\.layers\.1\.",
     ),
     "tokenizer larger than the embedding": (
-        _then_load(lambda p: _tokenizer(VOCAB + 4).save_pretrained(p)),
+        _then_load(lambda p: word_tokenizer(VOCAB + 4).save_pretrained(p)),
         ValueError,
         rf"tokenizer has {VOCAB + 4} tokens but the model's embedding has vocab_size={VOCAB}",
     ),

@@ -11,9 +11,7 @@ import os
 import subprocess
 import sys
 
-import transformers
-from hf_tiny import VOCAB, hf_config, hf_model, save
-from tokenizers import Tokenizer, models, pre_tokenizers
+from hf_tiny import VOCAB, hf_config, hf_model, save, word_tokenizer
 
 _CHECK = r"""
 import json, sys
@@ -66,18 +64,9 @@ print(json.dumps({"weights": len(loaded), "split": sorted(split)}))
 """
 
 
-def _tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-
-
 def test_checkpoint_weights_are_created_in_their_shardings(tmp_path):
     path = save(hf_model(hf_config("qwen3", tie=False, head_dim=24)), tmp_path)
-    _tokenizer(VOCAB).save_pretrained(path)
+    word_tokenizer(VOCAB).save_pretrained(path)
     flags = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     out = subprocess.run(
