@@ -322,14 +322,10 @@ class Trainer:
         )
         rewards, reward_metrics, scores = self.score(examples, samples)
         if self.config.logging.samples_per_step:
-            # A row ran out of tokens when its last slot holds a token that does not end it
-            # (every process computes this: the slice is a collective on a multi-host mesh).
-            last_B = rows_lib.to_host(samples.out.tokens[:, -1])
-            ended_B = np.isin(last_B, self.eos_ids) | (
-                samples.lengths_B < self.config.rollout.max_new_tokens
-            )
+            # Every process computes this: the slice is a collective on a multi-host mesh.
+            truncated_B = rows_lib.to_host(self._truncated(samples.out))
             if self.is_main:
-                rows = self._sample_rows(examples, samples, scores, ~ended_B)
+                rows = self._sample_rows(examples, samples, scores, truncated_B)
                 self.logger.log_samples(self.step + 1, rows)
         lengths_B = samples.lengths_B
         metrics = {
@@ -385,14 +381,14 @@ class Trainer:
                 x = np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
             return x
 
-        out = SampleOutput(*(
-            rows_lib.put_rows(self.mesh, np.concatenate([rows(i, q, f) for i, q in picks]))
+        host = SampleOutput(*(
+            np.concatenate([rows(i, q, f) for i, q in picks])
             for f in range(len(SampleOutput._fields))
         ))  # fmt: skip
+        out = SampleOutput(*(rows_lib.put_rows(self.mesh, x) for x in host))
         rewards_B = np.concatenate([rounds[i][1][q * G : (q + 1) * G] for i, q in picks])
-        lengths_B = rows_lib.to_host(out.lengths)
         return (
-            Samples(out, [], lengths_B, slice(None)),
+            Samples(out, [], host.lengths, slice(None)),
             rows_lib.put_rows(self.mesh, rewards_B),
             {
                 "filtered_fraction": float(1 - rounds[0][2].mean()),
@@ -467,6 +463,12 @@ class Trainer:
             rows.append(row)
         return rows
 
+    def _truncated(self, out: SampleOutput) -> jax.Array:
+        """[B] bool: rows cut at `rollout.max_new_tokens`, their last slot holding a token that
+        does not end them."""
+        ended_B = jnp.isin(out.tokens[:, -1], jnp.asarray(self.eos_ids))
+        return (out.lengths == self.config.rollout.max_new_tokens) & ~ended_B
+
     def make_batch(self, samples: Samples, rewards_B: jax.Array) -> loss_lib.Batch:
         """The update's batch: group advantages of the rewards, the rows trimmed to the longest
         response, and the old / reference log-probs of the response window."""
@@ -502,10 +504,8 @@ class Trainer:
             )
         old_logp = out.logprobs[:, window] if old_BxA is None else old_BxA
         response_mask_BxA = out.response_mask[:, window]
-        if c.loss.mask_truncated:  # cut at max_new_tokens before an end token
-            ended_B = jnp.isin(out.tokens[:, -1], jnp.asarray(self.eos_ids))
-            truncated_B = (out.lengths == c.rollout.max_new_tokens) & ~ended_B
-            response_mask_BxA = response_mask_BxA & ~truncated_B[:, None]
+        if c.loss.mask_truncated:
+            response_mask_BxA = response_mask_BxA & ~self._truncated(out)[:, None]
         return loss_lib.Batch(
             tokens=tokens_BxT,
             mask=mask_BxT,
