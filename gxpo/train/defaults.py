@@ -315,8 +315,9 @@ def set_hardware(
     c.rollout.sample_chunks = p.get("sample_chunks", 1)
     if "authors" in variants:
         split = p.get("data", 1) * p.get("fsdp", 1)
-        rows_per_device = c.rollout.prompts_per_step * c.rollout.responses_per_prompt
-        rows_per_device /= split * p["micro_batches"]
+        preset_rows = c.rollout.prompts_per_step * c.rollout.responses_per_prompt
+        rows_per_device = preset_rows / (split * p["micro_batches"])
+        per_call = preset_rows / c.rollout.sample_chunks  # the preset's rows per sampling call
         authors_recipe(c)
         c.rollout.prompts_per_step, c.rollout.responses_per_prompt = 64, 8
         c.train.steps = 400
@@ -329,7 +330,6 @@ def set_hardware(
         c.train.micro_batches = _micro_batches(c, split, rows_per_device)
         # The same KV-cache rows per sampling call as the preset's, in whole prompts per device.
         rows = c.rollout.prompts_per_step * c.rollout.responses_per_prompt
-        per_call = 640 / c.rollout.sample_chunks  # the preset's, for 128 x 5
         q = c.rollout.prompts_per_step
         c.rollout.sample_chunks = next(
             k for k in range(1, q + 1) if q % k == 0 and (q // k) % split == 0
