@@ -14,6 +14,10 @@ ratios the issue asks for, for the last model:
     gxpo_over_grpo=<r> gxpo_over_sfpo3=<r> gxpo_off_over_grpo=<r>
 
 (GXPO at K=5; physical limits 3.0, 0.75 and 1.0: a gradient evaluation is the unit of cost.)
+"packed" variants run the same update on the batch with its responses packed into rows
+(`train.pack_responses`, `gxpo.models.packing`); the batch's response lengths are uniform in
+1..A (one of them A), so packing's gain here is that of a mean length of A / 2
+(`grpo_packed_over_grpo`, `gxpo_packed_over_gxpo`).
 "gxpo K=5 off" is GXPO after its gate has shut extrapolation off for good, run as the Trainer
 runs it then: the plain inner step's own program (`gxpo.train.builders.plain_step`) on GXPO's
 state; "gxpo K=5 off cond" is the same step through GXPO's own program, whose `lax.cond` still
@@ -41,6 +45,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from gxpo import allocator
 from gxpo.models import get_preset, init_model, load_pretrained, split_trainable
 from gxpo.models.gguf import smollm2_gguf_path
 from gxpo.rl import grpo
@@ -63,13 +68,16 @@ class Variant:
     cond_when_off: bool = False  # gate off: the policy update's own program, not the plain step's
     grad_evals: int = 1
     group: tuple[tuple[str, Any], ...] = ()  # further fields of config.policy_update.<policy>
+    packed: bool = False  # the responses packed into rows (train.pack_responses)
 
 
 VARIANTS = (
     Variant("grpo", "grpo"),
+    Variant("grpo packed", "grpo", packed=True),
     Variant("sfpo K=3", "sfpo", 3, grad_evals=4),
     Variant("gxpo K=3", "gxpo", 3, grad_evals=3),
     Variant("gxpo K=5", "gxpo", 5, grad_evals=3),
+    Variant("gxpo K=5 packed", "gxpo", 5, grad_evals=3, packed=True),
     Variant("gxpo K=10", "gxpo", 10, grad_evals=3),
     Variant("gxpo K=5 clip", "gxpo", 5, grad_evals=3, group=(("retention", "clipped_gradient"),)),
     Variant("gxpo K=5 upd", "gxpo", 5, grad_evals=3, group=(("retention", "update"),)),
@@ -243,12 +251,13 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Result]:
         response_tokens=args.response_tokens,
         seed=args.seed,
     )
+    batches = {False: batch, True: loss_lib.with_packing(batch)}
     variants = [v for v in VARIANTS if not args.variants or v.label in args.variants]
     compiled, states, results = [], [], []
     for v in variants:
         update, state = build_step(v, args, model_config, trainable)
         t0 = time.perf_counter()
-        exe = update.lower(state, frozen, batch).compile()
+        exe = update.lower(state, frozen, batches[v.packed]).compile()
         compile_s = time.perf_counter() - t0
         mem = exe.memory_analysis()
         temp = int(mem.temp_size_in_bytes) if mem else 0
@@ -268,7 +277,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[Result]:
                 rss.reset()
                 t0, c0 = time.perf_counter(), time.process_time()
                 u0 = resource.getrusage(resource.RUSAGE_SELF)
-                states[i], metrics = exe(states[i], frozen, batch)
+                states[i], metrics = exe(states[i], frozen, batches[v.packed])
                 jax.block_until_ready((states[i], metrics))
                 seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
                 u1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -328,7 +337,9 @@ def ratios_line(results: list[Result], cpu: bool = False) -> str:
         f"gxpo_update_over_grpo={ratio('gxpo K=5 upd', 'grpo')} "
         f"gxpo_over_sfpo3={ratio('gxpo K=5', 'sfpo K=3')} "
         f"gxpo_off_over_grpo={ratio('gxpo K=5 off', 'grpo')} "
-        f"gxpo_off_cond_over_grpo={ratio('gxpo K=5 off cond', 'grpo')}"
+        f"gxpo_off_cond_over_grpo={ratio('gxpo K=5 off cond', 'grpo')} "
+        f"grpo_packed_over_grpo={ratio('grpo packed', 'grpo')} "
+        f"gxpo_packed_over_gxpo={ratio('gxpo K=5 packed', 'gxpo K=5')}"
     )
 
 
@@ -344,6 +355,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--response-tokens", type=int, default=64, help="A")
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--keep-freed-memory",
+        choices=("on", "off"),
+        default="on",
+        help="gxpo.allocator.keep_freed_memory, as the launchers set it (off: glibc's default)",
+    )
     args = p.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -357,7 +374,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    kept = args.keep_freed_memory == "on" and allocator.keep_freed_memory()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs")
+    print(f"keep_freed_memory={'on' if kept else 'off'}")
     line = ""
     for name in args.models:
         print(

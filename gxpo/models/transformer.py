@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gxpo.models import attention
+from gxpo.models import attention, packing
 from gxpo.models.config import PROJECTIONS, ModelConfig
 from gxpo.models.sharding import ACTIVATION_AXES, LOGICAL_AXES, LOGITS_AXES, constrain
 
@@ -293,26 +293,45 @@ def _hidden_shared_prefix(config, weights, tokens_BxT, mask_BxT, use_lora, prefi
     prefix_mask_QxX = mask_BxT.reshape(Q, G, T)[:, 0, :X]
     own_mask_BxU = mask_BxT[:, X:]
     before_B = jnp.repeat(jnp.sum(prefix_mask_QxX, axis=1), G)
-    prefix_pos_QxX = jnp.maximum(jnp.cumsum(prefix_mask_QxX, axis=1) - 1, 0)
     own_pos_BxU = jnp.maximum(before_B[:, None] + jnp.cumsum(own_mask_BxU, axis=1) - 1, 0)
+    own_causal_BxUxU = jnp.tril(jnp.ones((U, U), bool))[None] & own_mask_BxU[:, None, :]
+    return _prefix_and_rows(
+        config,
+        weights,
+        (prefix_QxX, prefix_mask_QxX),
+        (tokens_BxT[:, X:], own_pos_BxU, own_causal_BxUxU),
+        prefix_mask_QxX,
+        use_lora,
+    )
+
+
+def _prefix_and_rows(config, weights, prefix, rows, visible, use_lora: bool) -> jax.Array:
+    """x [B, U, D] of rows that attend to prefixes run beside them, once each.
+
+    `prefix`: (tokens [Q, X], mask [Q, X]), left-padded prompts. `rows`: (tokens [B, U],
+    rotary positions [B, U], own-keys mask [B, U, U]). `visible`: which prefix keys the rows see,
+    [Q, X] (row b sees prefix b // (B / Q)) or, for one flattened prefix stream, [1, B, U, Q * X]
+    per query."""
+    prefix_QxX, prefix_mask_QxX = prefix
+    own_BxU, own_pos_BxU, own_BxUxU = rows
+    Q, X = prefix_QxX.shape
+    prefix_pos_QxX = jnp.maximum(jnp.cumsum(prefix_mask_QxX, axis=1) - 1, 0)
     prefix_rope = rope_tables(config, prefix_pos_QxX)
     own_rope = rope_tables(config, own_pos_BxU)
     prefix_causal_QxXxX = jnp.tril(jnp.ones((X, X), bool))[None] & prefix_mask_QxX[:, None, :]
-    own_causal_BxUxU = jnp.tril(jnp.ones((U, U), bool))[None] & own_mask_BxU[:, None, :]
+    flat = visible.ndim == 4  # one prefix stream of all Q prompts, seen per query
 
     def body(streams, p):
         x_QxXxD, x_BxUxD = streams
         q_QxXxKxJxH, k_QxXxKxH, v_QxXxKxH = qkv(config, p, x_QxXxD, prefix_rope, use_lora)
         q_BxUxKxJxH, k_BxUxKxH, v_BxUxKxH = qkv(config, p, x_BxUxD, own_rope, use_lora)
         y_QxXxKxJxH = attention.plain(q_QxXxKxJxH, k_QxXxKxH, v_QxXxKxH, prefix_causal_QxXxX)
+        if flat:
+            k_QxXxKxH, v_QxXxKxH = (
+                a.reshape(1, Q * X, *a.shape[2:]) for a in (k_QxXxKxH, v_QxXxKxH)
+            )
         y_BxUxKxJxH = attention.shared_prefix(
-            q_BxUxKxJxH,
-            k_QxXxKxH,
-            v_QxXxKxH,
-            prefix_mask_QxX,
-            k_BxUxKxH,
-            v_BxUxKxH,
-            own_causal_BxUxU,
+            q_BxUxKxJxH, k_QxXxKxH, v_QxXxKxH, visible, k_BxUxKxH, v_BxUxKxH, own_BxUxU
         )
         x_QxXxD = finish(config, p, x_QxXxD, y_QxXxKxJxH, use_lora)
         x_BxUxD = finish(config, p, x_BxUxD, y_BxUxKxJxH, use_lora)
@@ -321,9 +340,52 @@ def _hidden_shared_prefix(config, weights, tokens_BxT, mask_BxT, use_lora, prefi
     if config.remat:
         body = jax.checkpoint(body)
     x_QxXxD = constrain(embed(config, weights, prefix_QxX), ACTIVATION_AXES)
-    x_BxUxD = constrain(embed(config, weights, tokens_BxT[:, X:]), ACTIVATION_AXES)
+    x_BxUxD = constrain(embed(config, weights, own_BxU), ACTIVATION_AXES)
     (_, x_BxUxD), _ = jax.lax.scan(body, (x_QxXxD, x_BxUxD), weights["layers"])
     return x_BxUxD
+
+
+@functools.partial(jax.jit, static_argnames=("config", "use_lora", "group_size"))
+def forward_packed(
+    weights: dict,
+    config: ModelConfig,
+    tokens_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    src_RxA: jax.Array,
+    *,
+    use_lora: bool = True,
+    group_size: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """Logits [R, A, V] in float32 of responses packed into R rows (`gxpo.models.packing.plan`'s
+    `src_RxA`), and the next token [R, A] each slot predicts.
+
+    The batch is `forward`'s with `logits_start = T - A`: rows in groups of G = `group_size`
+    responses to one prompt (the first T - A tokens of a group's rows equal; each prompt runs
+    once), prompts left-padded, responses right-padded. Each slot's logits are those `forward`
+    gives at the window slot it holds; empty slots' are meaningless."""
+    B, T = tokens_BxT.shape
+    A = src_RxA.shape[1]
+    X, G = T - A, group_size
+    Q = B // G
+    mask_BxT = mask_BxT.astype(bool)
+    tokens_RxA, positions_RxA, next_RxA, group_RxA, own_RxAxA = packing.packed_stream(
+        tokens_BxT, mask_BxT, src_RxA, G
+    )
+    prefix_QxX = tokens_BxT.reshape(Q, G, T)[:, 0, :X]
+    prefix_mask_QxX = mask_BxT.reshape(Q, G, T)[:, 0, :X]
+    key_group_QX = jnp.repeat(jnp.arange(Q), X)
+    visible_1xRxAxQX = (
+        (group_RxA[:, :, None] == key_group_QX[None, None, :]) & prefix_mask_QxX.reshape(-1)
+    )[None]
+    x_RxAxD = _prefix_and_rows(
+        config,
+        weights,
+        (prefix_QxX, prefix_mask_QxX),
+        (tokens_RxA, positions_RxA, own_RxAxA),
+        visible_1xRxAxQX,
+        use_lora,
+    )
+    return to_logits(config, weights, x_RxAxD), next_RxA
 
 
 @functools.partial(

@@ -133,9 +133,12 @@ def _check_temperature(temperature: float) -> None:
         )
 
 
-def _next_token_stats(
+def next_token_stats(
     logits_BxTxV: jax.Array, next_BxT: jax.Array, temperature: float, with_entropy: bool
 ) -> tuple[jax.Array, jax.Array | None]:
+    """Per position: the log-prob of `next_BxT` under softmax(logits / temperature) and, if
+    asked, that distribution's entropy ([B, T] float32 each; no shift: position t's logits
+    score `next_BxT[:, t]`)."""
     # logsumexp is spelled out so that the entropy reuses its exponentials (half the exp work of
     # a separate softmax): H = lse - sum_v e_v x_v / sum_v e_v with e = exp(x - max x).
     # XLA:CPU keeps x as one float32 [B, T, V] temporary (x and e with entropy); chunk_size
@@ -171,7 +174,7 @@ def _chunked_next_token_stats(
     def one_chunk(start):
         logits_BxCxV = jax.lax.dynamic_slice_in_dim(logits_BxTxV, start, chunk_size, axis=1)
         next_BxC = jax.lax.dynamic_slice_in_dim(next_BxT, start, chunk_size, axis=1)
-        logp_BxC, ent_BxC = _next_token_stats(logits_BxCxV, next_BxC, temperature, with_entropy)
+        logp_BxC, ent_BxC = next_token_stats(logits_BxCxV, next_BxC, temperature, with_entropy)
         return logp_BxC, (ent_BxC if with_entropy else jnp.zeros_like(logp_BxC))
 
     logp_YxBxC, ent_YxBxC = jax.lax.map(one_chunk, starts_Y)
@@ -203,7 +206,7 @@ def _token_stats(
     # token 0) and shift the [B, T] results right instead.
     next_BxT = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, 1)))
     if chunk_size is None or chunk_size >= tokens_BxT.shape[1]:
-        stats = _next_token_stats(logits_BxTxV, next_BxT, temperature, with_entropy)
+        stats = next_token_stats(logits_BxTxV, next_BxT, temperature, with_entropy)
     else:
         stats = _chunked_next_token_stats(
             logits_BxTxV, next_BxT, temperature, with_entropy, chunk_size

@@ -185,6 +185,12 @@ def validate(config: Any) -> None:
     )
     _check(tr.micro_batches >= 1, "train.micro_batches", tr.micro_batches, "must be >= 1")
     _check(
+        isinstance(tr.pack_responses, bool),
+        "train.pack_responses",
+        tr.pack_responses,
+        "must be True or False",
+    )
+    _check(
         r.prompts_per_step % (tr.mini_batches * tr.micro_batches) == 0,
         "train.micro_batches",
         tr.micro_batches,

@@ -182,6 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Gradient accumulation: each mini-batch's gradients (g0 and every probe's) are summed over
     # this many micro-batches, one in memory at a time; the update is the same.
     c.train.micro_batches = 1
+    # Pack the responses into rows for the update's and the log-prob passes' forward (the same
+    # math, no work on the padding after short responses: gxpo.models.packing). Used where the
+    # rows are on one device and train.micro_batches == 1; elsewhere the rows stay padded.
+    c.train.pack_responses = True
     c.train.checkpoint_every = 50  # 0 = only at the end
     c.train.keep_checkpoints = 2
     c.train.seed = 0

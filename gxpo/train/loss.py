@@ -17,9 +17,12 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from gxpo.models import packing
 from gxpo.models.config import ModelConfig
-from gxpo.models.transformer import forward
+from gxpo.models.transformer import forward, forward_packed
 from gxpo.rl import grpo
 
 
@@ -37,10 +40,75 @@ class Batch(NamedTuple):
     advantages: jax.Array  # [B] float32
     old_logp: jax.Array  # [B, A] float32: rollout-policy log-probs of the window's tokens
     ref_logp: jax.Array  # [B, A] float32: reference log-probs (zeros when kl_coef == 0)
+    # The responses packed into rows (`gxpo.models.packing.plan`), or None: the forward then
+    # runs R * A positions instead of B * A.
+    pack_src: jax.Array | None = None  # [R, A] int32
+    pack_at: jax.Array | None = None  # [B, A] int32
 
 
 # Each field's rank: its rows are split over the mesh (`mesh.row_shardings`), the rest is whole.
-BATCH_RANKS = Batch(tokens=2, mask=2, response_mask=2, advantages=1, old_logp=2, ref_logp=2)
+BATCH_RANKS = Batch(
+    tokens=2, mask=2, response_mask=2, advantages=1, old_logp=2, ref_logp=2, pack_src=2, pack_at=2
+)
+
+
+def batch_ranks(packed: bool) -> Batch:
+    """`BATCH_RANKS` of a batch with (`packed`) or without a packing plan."""
+    return BATCH_RANKS if packed else BATCH_RANKS._replace(pack_src=None, pack_at=None)
+
+
+def with_packing(batch: Batch) -> Batch:
+    """`batch` with a packing plan of its rows (made on the host from its mask). Only for a
+    batch whose rows are all on one device: the plan indexes across rows."""
+    window = batch.response_mask.shape[1]
+    src_RxA, at_BxA = packing.plan(np.asarray(batch.mask), window)
+    return batch._replace(pack_src=jnp.asarray(src_RxA), pack_at=jnp.asarray(at_BxA))
+
+
+def _window_stats(
+    weights: dict,
+    model_config: ModelConfig,
+    tokens_BxT: jax.Array,
+    mask_BxT: jax.Array,
+    window: int,
+    pack: tuple[jax.Array, jax.Array] | None,
+    *,
+    temperature: float,
+    with_entropy: bool,
+    use_lora: bool = True,
+    group_size: int = 1,
+) -> tuple[jax.Array, jax.Array | None]:
+    """(log-prob, entropy) [B, A] of the window's tokens, each read from the logits of the
+    token before it; 0 at the window's first slot. `pack`: (pack_src, pack_at), the responses
+    packed into rows, or None."""
+    start = tokens_BxT.shape[1] - window
+    if pack is None:
+        logits_BxAxV = forward(
+            weights,
+            model_config,
+            tokens_BxT,
+            mask_BxT,
+            use_lora=use_lora,
+            logits_start=start,
+            shared_prefix_rows=group_size,
+        )
+        window_BxA = tokens_BxT[:, start:]
+        if with_entropy:
+            return grpo.token_logprobs_and_entropy(logits_BxAxV, window_BxA, temperature)
+        return grpo.token_logprobs(logits_BxAxV, window_BxA, temperature), None
+    src_RxA, at_BxA = pack
+    logits_RxAxV, next_RxA = forward_packed(
+        weights,
+        model_config,
+        tokens_BxT,
+        mask_BxT,
+        src_RxA,
+        use_lora=use_lora,
+        group_size=group_size,
+    )
+    logp_RxA, entropy_RxA = grpo.next_token_stats(logits_RxAxV, next_RxA, temperature, with_entropy)
+    entropy_BxA = None if entropy_RxA is None else packing.unpack(entropy_RxA, at_BxA)
+    return packing.unpack(logp_RxA, at_BxA), entropy_BxA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,18 +147,17 @@ def policy_loss(
     loss_config: LossConfig,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The GRPO loss of the policy `trainable + frozen` on `batch`, and its metrics."""
-    weights = merge_weights(trainable, frozen)
-    start = batch.tokens.shape[1] - batch.response_mask.shape[1]
-    logits_BxAxV = forward(
-        weights,
+    pack = None if batch.pack_src is None else (batch.pack_src, batch.pack_at)
+    logp_BxA, entropy_BxA = _window_stats(
+        merge_weights(trainable, frozen),
         model_config,
         batch.tokens,
         batch.mask,
-        logits_start=start,
-        shared_prefix_rows=loss_config.group_size or 1,
-    )
-    logp_BxA, entropy_BxA = grpo.token_logprobs_and_entropy(
-        logits_BxAxV, batch.tokens[:, start:], loss_config.temperature
+        batch.response_mask.shape[1],
+        pack,
+        temperature=loss_config.temperature,
+        with_entropy=True,
+        group_size=loss_config.group_size or 1,
     )
     c = loss_config
     return grpo.grpo_loss(
@@ -129,6 +196,7 @@ def batch_logprobs(
     reference_weights: dict | None,
     tokens_BxT: jax.Array,
     mask_BxT: jax.Array,
+    pack: tuple[jax.Array, jax.Array] | None = None,
     *,
     model_config: ModelConfig,
     temperature: float,
@@ -143,22 +211,24 @@ def batch_logprobs(
     `with_old`: the policy's own log-probs (the rollout point). `reference`: "adapters_off"
     (LoRA: the base model from the same weights), "weights" (full fine-tuning:
     `reference_weights`, a copy of the initial params), or "none". `group_size`: rows come in
-    groups of that many responses to one prompt, whose prompt then runs once.
+    groups of that many responses to one prompt, whose prompt then runs once. `pack`:
+    (pack_src, pack_at) of `Batch`, the responses packed into rows, or None.
     """
     weights = merge_weights(trainable, frozen)
-    start = tokens_BxT.shape[1] - window
 
     def logp(w, use_lora=True):
-        logits_BxAxV = forward(
+        return _window_stats(
             w,
             model_config,
             tokens_BxT,
             mask_BxT,
+            window,
+            pack,
+            temperature=temperature,
+            with_entropy=False,
             use_lora=use_lora,
-            logits_start=start,
-            shared_prefix_rows=group_size,
-        )
-        return grpo.token_logprobs(logits_BxAxV, tokens_BxT[:, start:], temperature)
+            group_size=group_size,
+        )[0]
 
     old = logp(weights) if with_old else None
     if reference == "adapters_off":

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from gxpo.models import packing
 from gxpo.rl import grpo
 from gxpo.rl.answers import canonical_answer, extract_answer
 from gxpo.rl.data import (
@@ -89,6 +90,13 @@ class Trainer:
             self.update_rows,
             self.mesh,
             "config.rollout.prompts_per_step * responses_per_prompt / train.mini_batches",
+        )
+        # Responses packed into rows (the same math, less padding) where one device holds all
+        # of a batch's rows: a packing plan indexes across rows.
+        self.packed = (
+            c.train.pack_responses
+            and c.train.micro_batches == 1
+            and mesh_lib.row_sharding(self.mesh, (self.update_rows,)).is_fully_replicated
         )
         self.workdir = prepare_workdir(workdir)  # a file, unwritable or full: one line, now
         key = jax.random.key(c.train.seed)
@@ -192,7 +200,7 @@ class Trainer:
         shardings = mesh_lib.weight_shardings(self.model_config, self.mesh)
         frozen_sh = mesh_lib.like(shardings, self.frozen)
         self.batch_sharding = mesh_lib.row_shardings(
-            self.mesh, self.update_rows, loss_lib.BATCH_RANKS
+            self.mesh, self.update_rows, loss_lib.batch_ranks(self.packed)
         )
         shardings = dict(
             in_shardings=(state_sh, frozen_sh, self.batch_sharding),
@@ -489,12 +497,16 @@ class Trainer:
         recompute = c.loss.old_logprobs == "rollout" and c.loss.recompute_old_logprobs
         old_BxA, ref_BxA = None, None
         if recompute or self.reference != "none":
+            pack = None
+            if self.packed:
+                pack = tuple(map(jnp.asarray, packing.plan(np.asarray(mask_BxT), T - P + 1)))
             old_BxA, ref_BxA = self._logprobs_fn(
                 self.state.trainable,
                 self.frozen,
                 self.reference_weights,
                 tokens_BxT,
                 mask_BxT,
+                pack,
                 model_config=self.model_config,
                 temperature=float(c.rollout.temperature),
                 window=T - P + 1,
@@ -544,6 +556,8 @@ class Trainer:
         update = self._update_program(state)  # the last step's updates are done: no wait
         for epoch in range(self.config.train.epochs):
             for mini in self._mini_batches(batch, step, epoch):
+                if self.packed:
+                    mini = loss_lib.with_packing(mini)
                 mini = jax.device_put(mini, self.batch_sharding)
                 state, m = update(state, self.frozen, mini)
                 per_update.append(m)
