@@ -221,6 +221,10 @@ def _run_model(name: str, args: argparse.Namespace, emit: Callable[[dict], None]
     calls.clear()
     sample_seconds[0] = 0.0
     steps = [trainer.train_step() for _ in range(args.steps)]
+    if not calls:
+        raise RuntimeError(
+            "the Trainer sampled without gxpo.train.trainer.sample: time its sampler"
+        )
     model_config, mesh = trainer.model_config, trainer.mesh
     sizes = mesh_lib.mesh_sizes(mesh)
     tokens = sum(sum(call["lengths"]) for call in calls)
