@@ -199,11 +199,7 @@ def _run_model(name: str, args: argparse.Namespace, emit: Callable[[dict], None]
 
     # Phase 1: GRPO, rollouts and updates.
     c = _config(name, args, "grpo")
-    lengths = (
-        "fixed"
-        if args.lengths == "fixed" or "benchmark_lengths" not in c.rollout
-        else (args.lengths)
-    )
+    lengths = args.lengths if "benchmark_lengths" in c.rollout else "fixed"
     t0 = time.perf_counter()
     trainer = trainer_lib.Trainer(c, workdir + "/grpo")
     if lengths == "fixed":  # no benchmark lengths in this checkout: every row decodes A tokens
