@@ -32,9 +32,9 @@ Face checkpoint directory, `--config.model.path=/local/Qwen2.5-1.5B-Instruct`.
 
 from gxpo.train.defaults import base_config, set_hardware
 
-HARDWARE = {  # sized by gxpo.train.memory's estimate: 5 rows per GPU per micro-batch
-    "h100x4": dict(data=4, micro_batches=32),
-    "h100x1": dict(data=1, micro_batches=128, sample_chunks=2),
+HARDWARE = {  # the fewest micro-batches and chunks within 68 GiB by the estimate, less 10%
+    "h100x4": dict(data=4, micro_batches=16),
+    "h100x1": dict(data=1, micro_batches=64, sample_chunks=2),
 }
 
 # The authors' per-model values (`:<hardware>,authors`), on top of their common recipe.

@@ -31,8 +31,8 @@ checkpoint directory, `--config.model.path=/local/Qwen2.5-7B-Instruct`.
 
 from gxpo.train.defaults import base_config, set_hardware
 
-HARDWARE = {  # sized by gxpo.train.memory's estimate: 5 rows per GPU per micro-batch
-    "h100x4": dict(data=1, fsdp=4, micro_batches=32),  # FSDP: 3.5 GiB of weights per GPU
+HARDWARE = {  # the fewest micro-batches and chunks within 68 GiB by the estimate, less 10%
+    "h100x4": dict(data=1, fsdp=4, micro_batches=16),  # FSDP: 3.5 GiB of weights per GPU
     "h100x1": dict(data=1, micro_batches=128, sample_chunks=4),
 }
 

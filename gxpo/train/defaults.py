@@ -295,21 +295,22 @@ def set_hardware(
     """Applies a GPU config's argument, `--config=configs/<model>.py:<hardware>[,authors]`.
 
     The hardware's preset (a key of `HARDWARE`): mesh axes, remat, micro-batches (gradient
-    accumulation over 5 rows per GPU: activations and logits of 4096-token rows) and, where the
-    KV cache needs it, prompts sampled in sequential chunks. The paper's protocol is kept on
-    every hardware: 128 prompts x 5 responses and one optimizer update per step.
+    accumulation over 5 or 10 rows per GPU: activations and logits of 4096-token rows) and,
+    where the KV cache needs it, prompts sampled in sequential chunks. The paper's protocol is
+    kept on every hardware: 128 prompts x 5 responses and one optimizer update per step.
 
     `authors`: `authors_recipe`, then the model's own values from the authors' per-model
     launcher (`authors`: config paths -> values, e.g. {"policy_update.gxpo.virtual_depth": 10}),
     the rollout batch of their recipe (64 prompts x 8 responses, unless the model's values say
     otherwise) and micro-batches re-derived for the same rows per GPU.
 
-    The presets come from `gxpo.train.memory.estimate_memory` at 4096 tokens per row with a
-    68 GiB budget per GPU, the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92 (run
-    with it). The estimate is printed before compiling. `model.path` is a hub id (downloaded
-    on first use when the machine is online) or a local Hugging Face checkpoint directory
-    (config.json, *.safetensors, tokenizer files). Evaluation: Math-500, AMC23, GSM8K, Minerva
-    Math, OlympiadBench, avg pass@1 over 4 samples at temperature 1.0.
+    The presets are the fewest micro-batches and sampling chunks whose
+    `gxpo.train.memory.estimate_memory` at 4096 tokens per row stays within a 68 GiB budget per
+    GPU (the most JAX may use with XLA_PYTHON_CLIENT_MEM_FRACTION=.92: run with it) less the
+    estimate's 10% error. The estimate is printed before compiling. `model.path` is a hub id
+    (downloaded on first use when the machine is online) or a local Hugging Face checkpoint
+    directory (config.json, *.safetensors, tokenizer files). Evaluation: Math-500, AMC23,
+    GSM8K, Minerva Math, OlympiadBench, avg pass@1 over 4 samples at temperature 1.0.
     """
     hardware, variants = parse_config_arg(arg, tuple(presets))
     p = presets[hardware]

@@ -43,6 +43,9 @@ class Workload:
     # and copies of the inner optimizer's moments (its registry entry gives the count).
     step_buffers: int
     reference_copy: bool = False  # full fine-tuning with KL keeps a copy of the initial params
+    # G: rows come in groups of G responses to one prompt, whose prompt the update's forward
+    # pass and the sampler's cache hold once per group (1: every row its own prompt).
+    group_size: int = 1
 
 
 def workload(config: Any, step_buffers: int) -> Workload:
@@ -52,14 +55,17 @@ def workload(config: Any, step_buffers: int) -> Workload:
     prompt = -(-d.max_prompt_tokens // r.prompt_bucket) * r.prompt_bucket
     rollout_rows = r.prompts_per_step * r.responses_per_prompt
     eval_rows = e.prompts_per_batch * e.n_samples if d.eval else 0
+    update_rows = rollout_rows // (config.train.mini_batches * config.train.micro_batches)
     return Workload(
-        update_rows=rollout_rows // (config.train.mini_batches * config.train.micro_batches),
+        update_rows=update_rows,
         seq_len=prompt + r.max_new_tokens,
         logits_len=r.max_new_tokens + 1,
         sample_rows=max(rollout_rows // r.sample_chunks, eval_rows),
         sample_len=prompt + max(r.max_new_tokens, e.max_new_tokens if d.eval else 0),
-        step_buffers=step_buffers,
+        # gradient accumulation carries one more: the sum of the micro-batches' gradients
+        step_buffers=step_buffers + (1 if config.train.micro_batches > 1 else 0),
         reference_copy=config.model.lora_rank == 0 and config.loss.kl_coef > 0,
+        group_size=r.responses_per_prompt,
     )
 
 
@@ -72,9 +78,12 @@ class MemoryEstimate:
     optimizer_state: int  # Adam's two moments of the trainable params
     reference: int  # the initial params, for the KL of full fine-tuning
     step_buffers: int  # gradients, probe points and moment copies inside one update
-    activations: int  # what the backward pass of one mini-batch keeps
-    logits: int  # float32 logits, their exponentials and their gradient
+    activations: int  # what the backward pass of one micro-batch keeps across layers
+    logits: int  # the output head's float32 logits, exponentials and gradient
+    layer: int  # one layer's temporaries in the backward pass (not alive with the logits')
+    logprob_pass: int  # the old / reference log-prob pass over one micro-batch (forward only)
     kv_cache: int  # the sampler's keys and values
+    sampler: int  # the decoding loop's own copy of the layers' weights, its logits
 
     @property
     def resident(self) -> int:
@@ -82,15 +91,15 @@ class MemoryEstimate:
 
     @property
     def update_peak(self) -> int:
-        return self.resident + self.step_buffers + self.activations + self.logits
+        return self.resident + self.step_buffers + self.activations + max(self.logits, self.layer)
 
     @property
     def sample_peak(self) -> int:
-        return self.resident + self.kv_cache
+        return self.resident + self.kv_cache + self.sampler
 
     @property
     def peak(self) -> int:
-        return max(self.update_peak, self.sample_peak)
+        return max(self.update_peak, self.sample_peak, self.resident + self.logprob_pass)
 
     def table(self, title: str, limit: int | None = None) -> str:
         rows = [
@@ -101,7 +110,10 @@ class MemoryEstimate:
             ("update: step buffers", self.step_buffers),
             ("update: activations", self.activations),
             ("update: logits", self.logits),
+            ("update: one layer", self.layer),
+            ("log-prob pass", self.logprob_pass),
             ("sampler: KV cache", self.kv_cache),
+            ("sampler: weights", self.sampler),
             ("peak (update)", self.update_peak),
             ("peak (sampler)", self.sample_peak),
         ]
@@ -123,13 +135,31 @@ def _per_device(shape: tuple[int, ...], axes: tuple[str, ...], sizes: dict[str, 
 def estimate_memory(config: ModelConfig, sizes: dict[str, int], work: Workload) -> MemoryEstimate:
     """Estimated bytes per device of training `config` on a mesh of `sizes` (no device needed).
 
-    Params and optimizer state are exact (from the shardings `RULES` give); the rest is a
-    model of XLA's buffers: per layer and token the backward pass keeps about 4 D-wide
-    activations, q/k/v/attention outputs, 4 F-wide MLP activations and N attention rows of T
-    float32 scores + probabilities; with `remat` only each layer's input, plus one layer.
+    Params and optimizer state are exact (from the shardings `RULES` give), and so are the KV
+    cache's slots; the rest is a model of XLA's buffers, calibrated against XLA's own figures
+    for the compiled programs (`benchmarks/memory_calibration.py`):
+
+    - the forward pass runs each group's prompt once: a micro-batch of B rows in groups of G is
+      B / G * X + B * U tokens (X prompt, U response window);
+    - per layer and token the backward pass keeps about 4 D-wide activations, q/k/v/attention
+      outputs, 4 F-wide MLP activations and N attention rows of T float32 scores +
+      probabilities; with `remat` only each layer's input;
+    - on top of that, at different times (never both): the output head's float32 logits, their
+      exponentials and their gradient (with its compute-dtype copy), or one layer's
+      temporaries (the per-layer figure above);
+    - the trainer's log-prob pass runs in the update's micro-batches (forward only): their
+      logits and exponentials, or one layer;
+    - the sampler holds its KV cache (each prompt once per group, in two layouts while the
+      prefill's is converted; each row's decoded slots) and its own compute-dtype copy of the
+      layers' weights (LoRA folded in), which its loop reads, plus a few float32 [B, V].
+
+    Checked against XLA:CPU in float32 (the calibration's small and SmolLM2-135M shapes), within
+    10%: the update's activations and logits, the log-prob pass and the sampler; a policy
+    update's step buffers are its registry entry's count (`gxpo.train.updates`). XLA:GPU
+    assigns buffers its own way: `benchmarks/gpu_e2e.py` sets a GPU's peak beside the estimate.
     """
     lora = config.lora_rank > 0
-    base = trainable = trainable_elems = 0
+    base = trainable = trainable_elems = layer_elems = 0
     for p in param_infos(config):
         n = _per_device(p.shape, p.axes, sizes)
         if p.lora or not lora:
@@ -137,6 +167,8 @@ def estimate_memory(config: ModelConfig, sizes: dict[str, int], work: Workload) 
             trainable_elems += n
         else:
             base += n * p.dtype.itemsize
+        if p.path[0] == "layers" and not p.lora:
+            layer_elems += n
     state_bytes = 4 if lora else np.dtype(config.param_dtype).itemsize
     b = np.dtype(config.dtype).itemsize
     split = sizes["data"] * sizes["fsdp"]
@@ -147,6 +179,12 @@ def estimate_memory(config: ModelConfig, sizes: dict[str, int], work: Workload) 
 
     rows = -(-work.update_rows // split)
     T, D, H = work.seq_len, config.dim, config.head_dim
+
+    def tokens(rows: int) -> int:  # the forward pass's tokens: each group's prompt once
+        groups = -(-rows // work.group_size)
+        return groups * (T - work.logits_len) + rows * work.logits_len
+
+    V = heads(config.vocab_size)
     n_targets = len(config.lora_targets) if lora else 0
     per_token_layer = b * (
         4 * D
@@ -155,19 +193,28 @@ def estimate_memory(config: ModelConfig, sizes: dict[str, int], work: Workload) 
         + 4 * heads(config.ffn_dim)
         + n_targets * config.lora_rank
     ) + heads(config.num_heads) * T * (4 + b)
-    layer = rows * T * per_token_layer
-    saved = config.num_layers * rows * T * D * b if config.remat else config.num_layers * layer
+    layer = tokens(rows) * per_token_layer
+    saved = config.num_layers * tokens(rows) * (D * b if config.remat else per_token_layer)
+    # float32 logits and exponentials (the entropy's), their gradient, its compute-dtype copy
+    per_logit = 2 * 4 + (b if b < 4 else 0)
     kv_rows = -(-work.sample_rows // split)
-    kv = 2 * config.num_layers * kv_rows * work.sample_len * heads(config.num_kv_heads) * H * b
+    prompt = T - work.logits_len + 1
+    # Each prompt's slots twice: the prefill's stacked cache and the decoding loop's layout.
+    slots = 2 * -(-kv_rows // work.group_size) * prompt + kv_rows * (work.sample_len - prompt)
+    kv = 2 * config.num_layers * slots * heads(config.num_kv_heads) * H * b
     return MemoryEstimate(
         base_params=base,
         trainable_params=trainable,
         optimizer_state=2 * trainable_elems * state_bytes,
         reference=trainable if work.reference_copy else 0,
         step_buffers=work.step_buffers * trainable_elems * state_bytes,
-        activations=saved + layer,  # one layer's backward temporaries on top
-        logits=3 * rows * work.logits_len * heads(config.vocab_size) * 4,
+        activations=saved,
+        logits=per_logit * rows * work.logits_len * V,
+        layer=layer,
+        logprob_pass=max(2 * 4 * rows * work.logits_len * V, layer),
         kv_cache=kv,
+        # a draw's float32 [B, V]: logits, exponentials, their blocks, the step's next logits
+        sampler=layer_elems * b + 4 * 4 * kv_rows * V,
     )
 
 

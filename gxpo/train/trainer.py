@@ -43,6 +43,42 @@ from gxpo.train.config import validate
 from gxpo.train.logging import ProgressBar, RunLogger
 from gxpo.train.mirror import WandbMirror
 from gxpo.train.state import TrainState, advance
+from gxpo.train.step import split_micro_batches
+
+
+def batch_logprobs_in_chunks(*args: Any, chunks: int, group_size: int = 1, **kwargs: Any):
+    """`loss.batch_logprobs` over the rows in `chunks` sequential chunks of whole groups of
+    `group_size` rows, each chunk spread over the devices as the update's micro-batches are
+    (`split_micro_batches`): the memory of one chunk, the same log-probs."""
+    if chunks == 1:
+        return loss_lib.batch_logprobs(*args, group_size=group_size, **kwargs)
+    return _logprobs_in_chunks(*args, chunks=chunks, group_size=group_size, **kwargs)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "chunks", "group_size", "model_config", "temperature", "window", "with_old", "reference"
+    ),
+)  # fmt: skip
+def _logprobs_in_chunks(trainable, frozen, reference_weights, tokens_BxT, mask_BxT, *,
+                        chunks, group_size, **kwargs):  # fmt: skip
+    def one(rows):
+        tokens_CxT, mask_CxT = rows
+        return loss_lib.batch_logprobs(
+            trainable, frozen, reference_weights, tokens_CxT, mask_CxT,
+            group_size=group_size, **kwargs
+        )  # fmt: skip
+
+    split = functools.partial(split_micro_batches, count=chunks, group_size=group_size)
+    out_YxCxA = jax.lax.map(one, (split(tokens_BxT), split(mask_BxT)))
+
+    def merge(x_YxCxA):  # split_micro_batches' inverse: prompt q was in chunk q % chunks
+        Y, C = x_YxCxA.shape[:2]
+        x = x_YxCxA.reshape(Y, C // group_size, group_size, *x_YxCxA.shape[2:])
+        return jnp.swapaxes(x, 0, 1).reshape(Y * C, *x_YxCxA.shape[2:])
+
+    return jax.tree.map(merge, out_YxCxA)
 
 
 class Samples(NamedTuple):
@@ -151,7 +187,11 @@ class Trainer:
             top_p=c.eval.top_p,
         )
         self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
-        self._logprobs_fn = mesh_lib.on_mesh(self.mesh, loss_lib.batch_logprobs)
+        # The rollout batch's log-probs in the update's micro-batches: its logits at once would
+        # be [B, A, V] float32 (hundreds of GB at 128 x 5 rows of 3k tokens).
+        chunks = c.train.mini_batches * c.train.micro_batches
+        logprobs = functools.partial(batch_logprobs_in_chunks, chunks=chunks)
+        self._logprobs_fn = mesh_lib.on_mesh(self.mesh, logprobs)
         if evaluate_only:  # `for_evaluation` sets the state, then the logger
             self.checkpointer, self.logger = None, None
             return

@@ -268,7 +268,10 @@ def _gxpo(
     )
 
 
-register(PolicyUpdate(name="grpo", factory=_grpo))
+# step_buffers: GRPO's step holds g0 beside the loss's own buffers (XLA's figures on CPU,
+# benchmarks/memory_calibration.py); GXPO's 22 more, as its peak over GRPO's on one H100
+# (Qwen2.5-1.5B and Llama-3.2-3B, LoRA 128, benchmarks/gpu_step.py). SFPO's is not measured.
+register(PolicyUpdate(name="grpo", factory=_grpo, step_buffers=1))
 register(
     PolicyUpdate(
         name="sfpo",
@@ -305,7 +308,7 @@ register(
         },
         # "keep": both probes' inner steps count; "restore" rewinds them.
         inner_updates=lambda probe_state, **_: 3 if probe_state == "keep" else 1,
-        step_buffers=12,
+        step_buffers=23,
         depth_field="virtual_depth",
         optimizer_fields=("lr", "weight_decay", "grad_clip"),
         plain_step=_gxpo_plain,

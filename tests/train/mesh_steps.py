@@ -28,6 +28,7 @@ from gxpo.train import rows as rows_lib
 from gxpo.train import step as step_lib
 from gxpo.train.defaults import base_config
 from gxpo.train.state import init_state, state_shardings
+from gxpo.train.trainer import batch_logprobs_in_chunks
 
 MESHES = ((8, 1, 1), (2, 4, 1), (2, 2, 2))
 POLICIES = ("grpo", "gxpo")
@@ -183,6 +184,17 @@ def main() -> None:
             )  # fmt: skip
             out["sample_tokens_equal"] = bool(np.array_equal(sharded.tokens, sampled.tokens))
             out["sample_logp_diff"] = max_diff(sharded.logprobs, sampled.logprobs)
+            # The trainer's log-prob pass in 2 chunks of whole groups, rows over the mesh.
+            kw = dict(model_config=CONFIG, temperature=1.0, window=A + 1, with_old=True,
+                      reference="adapters_off", group_size=2)  # fmt: skip
+            whole = loss_lib.batch_logprobs(trainable0, frozen0, None, batch0.tokens, batch0.mask,
+                                            **kw)  # fmt: skip
+            chunked = mesh_lib.on_mesh(mesh, batch_logprobs_in_chunks)(
+                mesh_lib.place(trainable0, trainable_sh), mesh_lib.place(frozen0, frozen_sh),
+                None, rows_lib.put_rows(mesh, np.asarray(batch0.tokens)),
+                rows_lib.put_rows(mesh, np.asarray(batch0.mask)), chunks=2, **kw,
+            )  # fmt: skip
+            out["chunked_logp_diff"] = max(max_diff(a, b) for a, b in zip(chunked, whole))
             _, cache = mesh_lib.on_mesh(mesh, prefill)(
                 weights, CONFIG, rows_lib.put_rows(mesh, np.asarray(batch0.tokens)),
                 rows_lib.put_rows(mesh, np.asarray(batch0.mask)), T + 4,

@@ -56,10 +56,12 @@ def test_kv_cache_estimate_is_exact():
     config = get_preset("qwen2.5-1.5b", dtype="bfloat16")
     buffers = updates.get("gxpo").step_buffers
     work = memory_lib.Workload(update_rows=8, seq_len=64, logits_len=16, sample_rows=640,
-                               sample_len=4096, step_buffers=buffers)  # fmt: skip
+                               sample_len=4096, step_buffers=buffers, group_size=5)  # fmt: skip
     est = memory_lib.estimate_memory(config, {"data": 4, "fsdp": 1, "tensor": 1}, work)
-    # L x rows x slots x K x H x (k, v) x bf16, rows split over 4 devices.
-    assert est.kv_cache == 28 * 160 * 4096 * 2 * 128 * 2 * 2
+    # L x slots x K x H x (k, v) x bf16, rows split over 4 devices: 160 rows' decoded slots,
+    # and each of their 32 prompts' 49 slots twice (the prefill's layout, then the loop's).
+    slots = 160 * (4096 - 49) + 2 * 32 * 49
+    assert est.kv_cache == 28 * slots * 2 * 128 * 2 * 2
 
 
 def test_a_config_that_cannot_fit_says_what_would():
@@ -104,10 +106,6 @@ GPU_CONFIGS = {
     "qwen2p5_math_7b": "qwen2.5-7b",
     "qwen3_4b": "qwen3-4b",
 }
-# The authors' recipe trains 8-response groups, and a micro-batch holds whole groups: on one
-# GPU, 8 rows of 4096 tokens exceed the 68 GiB budget for these models by the estimate (the
-# launch's memory check says so before compiling, with what would fit).
-AUTHORS_OVER_ONE_GPU = {"llama3b", "qwen2p5_3b", "qwen2p5_7b", "qwen3_4b"}
 
 
 @pytest.mark.parametrize("authors", [False, True], ids=["paper", "authors"])
@@ -130,11 +128,9 @@ def test_gpu_config_presets_fit_their_hardware(name, hardware, devices, authors,
     else:  # the authors': groups of 8, four GXPO updates per rollout batch
         assert c.rollout.responses_per_prompt == 8 and c.train.mini_batches == 4
         assert c.policy_update.gate.statistic == "entropy"
-        if hardware == "h100x1" and name in AUTHORS_OVER_ONE_GPU:
-            # One group per micro-batch already: nothing smaller exists.
-            assert work.update_rows == 8 and peak > 68 * memory_lib.GIB
-            return
-    assert peak <= 68 * memory_lib.GIB
+    # The presets leave the estimate's 10% error to spare; the authors' recipe (groups of 8 in
+    # micro-batches re-derived from the preset's rows per GPU) fits the 68 GiB.
+    assert peak <= 68 * memory_lib.GIB / (1 if authors else 1.1)
 
 
 def test_memory_table_is_printed(capsys):

@@ -94,6 +94,7 @@ def test_sharded_steps_equal_single_device_steps_on_8_devices():
     # split over rows and KV heads.
     r = results["2x2x2"]
     assert r["sample_tokens_equal"] and r["sample_logp_diff"] < 1e-5
+    assert r["chunked_logp_diff"] < 1e-5  # the trainer's chunked log-prob pass, sharded
     sizes = {"data": 2, "fsdp": 2, "tensor": 2}
     assert _drop_unit_axes(r["kv_cache"], sizes) == [None, ["data", "fsdp"], None, "tensor"]
     assert r["kv_cache_rule"] == [None, ["data", "fsdp"], None, "tensor", None]
