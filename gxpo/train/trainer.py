@@ -189,7 +189,7 @@ class Trainer:
         self._sample_fn = mesh_lib.on_mesh(self.mesh, sample)
         # The rollout batch's log-probs in the update's micro-batches: its logits at once would
         # be [B, A, V] float32 (hundreds of GB at 128 x 5 rows of 3k tokens).
-        chunks = c.train.mini_batches * c.train.micro_batches
+        chunks = self._logprob_chunks = c.train.mini_batches * c.train.micro_batches
         logprobs = functools.partial(batch_logprobs_in_chunks, chunks=chunks)
         self._logprobs_fn = mesh_lib.on_mesh(self.mesh, logprobs)
         if evaluate_only:  # `for_evaluation` sets the state, then the logger
@@ -538,7 +538,7 @@ class Trainer:
         old_BxA, ref_BxA = None, None
         if recompute or self.reference != "none":
             pack = None
-            if self.packed:
+            if self.packed and self._logprob_chunks == 1:  # a plan of the whole batch's rows
                 pack = tuple(map(jnp.asarray, packing.plan(np.asarray(mask_BxT), T - P + 1)))
             old_BxA, ref_BxA = self._logprobs_fn(
                 self.state.trainable,
@@ -546,7 +546,7 @@ class Trainer:
                 self.reference_weights,
                 tokens_BxT,
                 mask_BxT,
-                pack,
+                pack=pack,
                 model_config=self.model_config,
                 temperature=float(c.rollout.temperature),
                 window=T - P + 1,
