@@ -134,7 +134,7 @@ def _modify(c, match: re.Match) -> None:
         authors_recipe(c)
         c.eval = evaluation  # every method of a comparison is evaluated alike
     elif match.re.pattern.startswith("lr"):
-        c.optimizer.lr = c.optimizer.lr * float(match[1])
+        c.optimizer.lr = float(f"{c.optimizer.lr * float(match[1]):.12g}")  # 6e-4, not 6.0...01e-4
     else:
         c.train.epochs = int(match[1])
 
