@@ -26,9 +26,18 @@ held-out problems x 4 samples, seed 0 (`python -m gxpo.evaluate --config=configs
 with pass@4 at 53% (the model can answer about half of them: room to learn) and 300 distinct
 problems: 100 held out, training draws the other 200 (+ and - alone leave only 100 to train on).
 
-Sizing (60 steps; the gate's warm-up 10 with a window of 20 lets it fire from step 31 on, so a
-run can have both phases; eval every 5 steps, 13 evaluations). Hardware: this project's 2-core
-CPU, no GPU. Run time per run: see the study's results (results/cpu_study/tables.md, "Runs").
+Sizing: 60 steps; the gate's warm-up 10 with a window of 20 lets it fire from step 31 on, so a
+run can have both phases (the authors' variant keeps its own gate: 50 + 30 updates, 4 a step);
+13 evaluations of 100 problems x 4 samples. Hardware: this project's 2-core CPU, no GPU.
+
+Run time (an estimate: measured only beside other jobs, at a load average of 6-13). Seed 0, 6
+steps: grpo 48.6 s a step, gxpo5 104 s (its one surrogate check 200 s more, off the clock); the
+processes had about a third of a core (CPU s / elapsed s 0.31-0.38). The same shape alone on
+this CPU (configs/smollm2_arith.py) takes 10.5 s a GXPO step, so about 6 min of training for a
+GRPO run, 10-13 min for grpo_epochs3, sfpo3 and gxpo5, 15-30 min for gxpo5_authors, plus about
+6 min of evaluations and 1 min of loading each: about 2 hours a seed, 6 hours for the study,
+with nothing else running. Each run's own clock and the load beside it are in
+results/cpu_study/tables.md ("Runs").
 
 Methods (`gxpo.experiments.compare.method_config`): grpo (lr 2e-4), grpo_lr3x (6e-4),
 grpo_epochs3 (three passes over each rollout batch: GXPO's three backward passes per step),
