@@ -37,8 +37,6 @@ GradFn = Callable[[optax.Params], optax.Updates]
 # K -> a GXPO at virtual depth K with reposition 1, no gate, no degenerate-g0 test (no lax.cond)
 Predictor = Callable[[int], optax.GradientTransformationExtraArgs]
 
-ERRORS = ("abs_err", "rel_err", "cos_err", "rel_err_two_step", "displacement_norm", "abs_move")
-
 
 def _predicted_point(
     tx: optax.GradientTransformationExtraArgs,
