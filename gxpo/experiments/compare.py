@@ -1,51 +1,72 @@
-"""GRPO vs SFPO vs GXPO from the same initial model, data order and seeds; the paper's tables.
+"""GRPO vs SFPO vs GXPO (and baselines) from the same initial model, data order and seeds.
 
     python -m gxpo.experiments.compare --config=configs/smollm2_arith.py --out=results/cpu_arith
     python -m gxpo.experiments.compare --config=... --out=... --methods=grpo,gxpo5 --seeds=0,1
     python -m gxpo.experiments.compare --out=results/cpu_arith --analyze_only
+    python -m gxpo.experiments.compare --config=configs/smollm2_study.py --out=results/cpu_study \
+        --methods=grpo,grpo_lr3x,grpo_epochs3,sfpo3,gxpo5,gxpo5_authors --seeds=0,1,2 \
+        --surrogate_every=5 --commit
 
-Each (method, seed) trains in `<out>/runs/<method>_s<seed>` (resumed if interrupted, skipped if
-complete); then `analyze` reads every run's metrics.jsonl / eval.jsonl and writes
-`<out>/tables.md` and `<out>/plots/*.png`:
+A method is a policy update, `<name>` or `<name><K>` (gxpo5: GXPO at virtual depth 5), then any
+of the modifiers `_lr<F>x` (F times the learning rate), `_epochs<N>` (N passes over each rollout
+batch) and `_authors` (the GXPO authors' recipe, `gxpo.train.defaults.authors_recipe`, evaluated
+as the other methods are): grpo_lr3x, grpo_epochs3, gxpo5_authors.
 
-- Table 2 analogue: peak accuracy (mean +- std over seeds), and the steps, backward passes and
-  wall-clock seconds each method needs to reach GRPO's peak, with speedups over GRPO.
-- Table 1 analogue: final avg pass@1 per benchmark and method.
-- Tables 3 / 4 analogues: accuracy at matched backward-pass and wall-clock budgets.
-- Table 7 analogue: GXPO diagnostics per K (median retention ratio, scale mean, inactive
-  fraction, cos(g_tilde, g0), the step at which the gate shut off).
-- Table 8 analogue: mean / max clip fraction and KL to the reference per method.
-
-Accuracy is the average over the configured eval benchmarks of avg pass@1 (n samples per problem
-at the eval temperature); curves are averaged over seeds at each eval step.
+Each (method, seed) trains in `<out>/runs/<method>_s<seed>`, seed-major, with the same initial
+adapters, data order and sampling seed for every method of a seed. A complete run is skipped
+and an interrupted one resumes from its last checkpoint, so the command can be stopped and
+started again at will; `--commit` commits `<out>` after each run (checkpoints and TensorBoard
+events are git-ignored under results/). Each run's `harness.jsonl` records the machine's load
+at each (re)start and the process's CPU time against its elapsed time. `--surrogate_every=N`
+adds the surrogate check to the GXPO methods (`gxpo.train.surrogate`; off the clock). Then
+`gxpo.experiments.analysis.analyze` writes `<out>/tables.md` and `<out>/plots/*.png` from the
+runs' logs (`--analyze_only`: only that).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from gxpo.tables import format_table
+from gxpo import cli
+from gxpo.experiments.analysis import analyze
 from gxpo.train import updates
+from gxpo.train.defaults import authors_recipe
 from gxpo.train.logging import read_jsonl
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=False)
 _OUT = flags.DEFINE_string("out", None, "Results directory.", required=True)
 _METHODS = flags.DEFINE_list(
-    "methods", ["grpo", "sfpo3", "gxpo3", "gxpo5"], "policy updates: <name> or <name><K>"
+    "methods",
+    ["grpo", "sfpo3", "gxpo3", "gxpo5"],
+    "<name> or <name><K> (a policy update), then any of _lr<F>x, _epochs<N>, _authors",
 )
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (LoRA init, data order, sampling).")
 _ANALYZE_ONLY = flags.DEFINE_bool("analyze_only", False, "Only rebuild tables and plots.")
+_SURROGATE_EVERY = flags.DEFINE_integer(
+    "surrogate_every",
+    0,
+    "GXPO methods: the surrogate check every this many steps while the gate is on "
+    "(config.logging.surrogate_every; diagnostic only, off the clock); 0 = off.",
+)
+_COMMIT = flags.DEFINE_bool(
+    "commit", False, "git-commit --out after each finished run and after the analysis."
+)
 
 
 def method_overrides(method: str) -> dict[str, object]:
-    """Config overrides of a method name: a registered policy update `<name>`, or `<name><K>`
-    for one with a depth field (K = its value: gxpo5 is GXPO at virtual_depth 5)."""
+    """Config overrides of a policy update's part of a method name: a registered policy update
+    `<name>`, or `<name><K>` for one with a depth field (K = its value: gxpo5 is GXPO at
+    virtual_depth 5). ValueError, listing every form, for anything else."""
     for name in sorted(updates.names(), key=len, reverse=True):  # the longest name that fits
         entry, depth = updates.get(name), method[len(name) :]
         if not method.startswith(name) or bool(depth) != bool(entry.depth_field):
@@ -57,8 +78,46 @@ def method_overrides(method: str) -> dict[str, object]:
                 "policy_update.name": name,
                 f"policy_update.{name}.{entry.depth_field}": int(depth),
             }
+    raise ValueError(_method_error(method))
+
+
+# What a method name may add after its policy update, each after an underscore (issue 14: GRPO
+# given GXPO's budget in its own currency, and the GXPO authors' variant). Pattern -> (form,
+# what it does); `_modify` applies them.
+MODIFIERS = {
+    r"lr(\d+(?:\.\d+)?)x": ("_lr<F>x", "F times optimizer.lr"),
+    r"epochs(\d+)": ("_epochs<N>", "train.epochs = N: N passes over each rollout batch"),
+    r"authors": ("_authors", "the GXPO authors' recipe, defaults.authors_recipe"),
+}
+
+
+def _method_error(method: str) -> str:
     forms = ", ".join(f"{n}<K>" if updates.get(n).depth_field else n for n in updates.names())
-    raise ValueError(f"--methods: {method!r} is not one of {forms} (e.g. gxpo5)")
+    mods = "; ".join(f"{form} ({what})" for form, what in MODIFIERS.values())
+    return (
+        f"--methods: {method!r} is not one of {forms}, each optionally followed by {mods} "
+        "(e.g. gxpo5, grpo_lr3x, grpo_epochs3, gxpo5_authors)"
+    )
+
+
+def _split_method(method: str) -> tuple[dict[str, object], list[re.Match]]:
+    """(the policy update's overrides, the modifiers' matches) of a method name; the policy
+    update's name may itself hold underscores, so every split point is tried, longest first."""
+    parts = method.split("_")
+    for i in range(len(parts), 0, -1):
+        try:
+            overrides = method_overrides("_".join(parts[:i]))
+        except ValueError:
+            continue
+        found = [next((m for p in MODIFIERS if (m := re.fullmatch(p, s))), None) for s in parts[i:]]
+        if all(found) and len({m.re.pattern for m in found}) == len(found):
+            return overrides, found
+    raise ValueError(_method_error(method))
+
+
+def check_method(method: str) -> None:
+    """Raises ValueError (one line, every allowed form) unless `method` is a method name."""
+    _split_method(method)
 
 
 def _set(config, dotted: str, value) -> None:
@@ -69,251 +128,122 @@ def _set(config, dotted: str, value) -> None:
     node[key] = value
 
 
-def method_config(config, method: str, seed: int):
+def _modify(c, match: re.Match) -> None:
+    if match.re.pattern == "authors":
+        evaluation = c.eval.copy_and_resolve_references()
+        authors_recipe(c)
+        c.eval = evaluation  # every method of a comparison is evaluated alike
+    elif match.re.pattern.startswith("lr"):
+        c.optimizer.lr = float(f"{c.optimizer.lr * float(match[1]):.12g}")  # 6e-4, not 6.0...01e-4
+    else:
+        c.train.epochs = int(match[1])
+
+
+def method_config(config, method: str, seed: int, *, surrogate_every: int = 0):
+    """`config` for one run of a comparison: the method's policy update, its modifiers (the
+    authors' recipe first, the others on top of it), `train.seed = seed`, and for a GXPO method
+    the surrogate check every `surrogate_every` steps (`logging.surrogate_every`; 0 = off)."""
+    overrides, modifiers = _split_method(method)
     c = config.copy_and_resolve_references()
-    for key, value in method_overrides(method).items():
+    for key, value in overrides.items():
         _set(c, key, value)
+    for match in sorted(modifiers, key=lambda m: m.re.pattern != "authors"):
+        _modify(c, match)
     c.train.seed = seed
+    if c.policy_update.name == "gxpo":
+        c.logging.surrogate_every = surrogate_every
     return c
 
 
-def run_all(config, out: Path, methods: Sequence[str], seeds: Sequence[int]) -> None:
+RUN_LOG = "harness.jsonl"  # per run: one row at each (re)start and one at the end
+
+
+def _log_run(workdir: Path, row: dict) -> None:
+    """Appends `row` to the run's `harness.jsonl` with the time and the machine's load average
+    (1, 5, 15 min): a reader sees whether something else ran beside the run."""
+    row = dict(row, time=time.strftime("%Y-%m-%dT%H:%M:%S"), loadavg=list(os.getloadavg()))
+    with (workdir / RUN_LOG).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def is_complete(workdir: Path, steps: int) -> bool:
+    """Whether the run in `workdir` reached `steps`: the harness logged its end there, or (a
+    run without that log) it was evaluated at that step."""
+    ends = [r for r in read_jsonl(workdir / RUN_LOG) if r.get("event") == "end"]
+    if any(r.get("step") == steps for r in ends):
+        return True
+    return any(r.get("step") == steps for r in read_jsonl(workdir / "eval.jsonl"))
+
+
+def commit(out: Path, message: str) -> None:
+    """`git add` and `git commit` of `out` alone (ignored files stay out: checkpoints and
+    TensorBoard events under results/, see .gitignore); nothing to commit is not an error."""
+    git = ["git", "-C", str(out)]
+    subprocess.run([*git, "add", "--", "."], check=True)
+    if subprocess.run([*git, "diff", "--cached", "--quiet", "--", "."]).returncode == 0:
+        print(f"commit: nothing new in {out}", flush=True)
+        return
+    subprocess.run([*git, "commit", "-q", "-m", message, "--", "."], check=True)
+    print(f"commit: {message}", flush=True)
+
+
+def _check_git(out: Path) -> None:
+    found = subprocess.run(
+        ["git", "-C", str(out), "rev-parse", "--is-inside-work-tree"], capture_output=True
+    )
+    if found.returncode != 0:
+        raise ValueError(f"--commit: --out={out} is not inside a git work tree; drop --commit")
+
+
+def run_all(
+    config,
+    out: Path,
+    methods: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    surrogate_every: int = 0,
+    commit_runs: bool = False,
+) -> None:
+    """Trains every (method, seed) run that is not complete, seed-major, in
+    `<out>/runs/<method>_s<seed>`: a finished run is skipped, an interrupted one resumes from
+    its last checkpoint (the Trainer's own resume). Each run's `harness.jsonl` records the load
+    average at its (re)start and end and, at the end, the process's CPU seconds against its
+    elapsed seconds; `commit_runs` commits `out` after each run (`commit`)."""
     from gxpo.train.builders import check  # heavy imports only when training
     from gxpo.train.trainer import Trainer
 
     for method in methods:  # every run's config is checked before the first one trains
-        check(method_config(config, method, seeds[0]))
+        check(method_config(config, method, seeds[0], surrogate_every=surrogate_every))
+    out.mkdir(parents=True, exist_ok=True)
+    if commit_runs:
+        _check_git(out)
     for seed in seeds:  # seed-major: an interrupted comparison has every method at some seeds
         for method in methods:
             workdir = out / "runs" / f"{method}_s{seed}"
-            c = method_config(config, method, seed)
-            done = [r for r in read_jsonl(workdir / "eval.jsonl") if r["step"] == c.train.steps]
-            if done:
+            c = method_config(config, method, seed, surrogate_every=surrogate_every)
+            if is_complete(workdir, c.train.steps):
                 print(f"{workdir.name}: complete, skipped", flush=True)
                 continue
             print(f"\n=== {workdir.name} ===", flush=True)
-            Trainer(c, workdir, checked=True).run()
-
-
-# ---------------------------------------------------------------------------------------------
-# Analysis.
-
-
-def _curve(run: Path) -> dict[str, np.ndarray]:
-    """Eval curve of one run: step, backward passes, wall seconds, accuracy (mean pass@1 over
-    benchmarks), one entry per evaluation."""
-    by_step: dict[int, list[dict]] = {}
-    for row in read_jsonl(run / "eval.jsonl"):
-        by_step.setdefault(row["step"], []).append(row)
-    steps = sorted(by_step)
-    return {
-        "step": np.array(steps),
-        "backward_passes": np.array([by_step[s][0]["backward_passes"] for s in steps]),
-        "wall_seconds": np.array([by_step[s][0]["wall_seconds"] for s in steps]),
-        "accuracy": np.array([np.mean([r["pass@1"] for r in by_step[s]]) for s in steps]),
-    }
-
-
-def _load(out: Path) -> dict[str, dict[int, Path]]:
-    runs: dict[str, dict[int, Path]] = {}
-    for run in sorted((out / "runs").glob("*_s*")):
-        method, seed = run.name.rsplit("_s", 1)
-        if (run / "eval.jsonl").exists():
-            runs.setdefault(method, {})[int(seed)] = run
-    return runs
-
-
-def _mean_curve(curves: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Seed-averaged curve over the eval steps every seed has reached."""
-    n = min(len(c["step"]) for c in curves)
-    stacked = {k: np.stack([c[k][:n] for c in curves]) for k in curves[0]}
-    mean = {k: v.mean(0) for k, v in stacked.items()}
-    mean["accuracy_std"] = stacked["accuracy"].std(0)
-    return mean
-
-
-def _pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    v = np.asarray(values, float) * scale
-    return f"{v.mean():.{digits}f} ± {v.std():.{digits}f}"
-
-
-def _first_reach(curve: dict[str, np.ndarray], target: float) -> int | None:
-    hits = np.flatnonzero(curve["accuracy"] >= target - 1e-12)
-    return int(hits[0]) if hits.size else None
-
-
-def _table2(methods, curves, means) -> str:
-    base = means.get("grpo")
-    target = float(base["accuracy"].max()) if base is not None else None
-    rows = []
-    for method in methods:
-        peaks = [c["accuracy"].max() for c in curves[method]]
-        row = {"method": method, "peak acc (%)": _pm(peaks), "seeds": len(peaks)}
-        if target is not None:
-            i = _first_reach(means[method], target)
-            j = _first_reach(base, target)
-            for key, label in [
-                ("step", "steps"),
-                ("backward_passes", "backward passes"),
-                ("wall_seconds", "wall s"),
-            ]:
-                mine = None if i is None else float(means[method][key][i])
-                row[f"{label} to GRPO peak"] = "not reached" if mine is None else f"{mine:.0f}"
-                grpo_value = float(base[key][j])
-                row[f"{label} speedup"] = (
-                    "-" if mine is None or mine == 0 else f"{grpo_value / mine:.2f}x"
-                )
-        rows.append(row)
-    header = f"GRPO's peak (seed-mean curve): {100 * target:.1f}%\n\n" if target else ""
-    return header + format_table(rows, list(rows[0]))
-
-
-def _table1(methods, runs) -> str:
-    rows = []
-    benchmarks: list[str] = []
-    for method in methods:
-        finals: dict[str, list[float]] = {}
-        for run in runs[method].values():
-            eval_rows = read_jsonl(run / "eval.jsonl")
-            last = max(r["step"] for r in eval_rows)
-            for r in eval_rows:
-                if r["step"] == last:
-                    finals.setdefault(r["benchmark"], []).append(r["pass@1"])
-        benchmarks = benchmarks or sorted(finals)
-        row = {"method": method}
-        row.update({b: _pm(finals[b]) for b in benchmarks})
-        if len(benchmarks) > 1:
-            row["average"] = _pm(np.mean([finals[b] for b in benchmarks], axis=0))
-        rows.append(row)
-    return format_table(rows, list(rows[0]))
-
-
-def _budget_table(methods, curves, means, key: str, label: str) -> str:
-    base = means.get("grpo", next(iter(means.values())))
-    total = float(base[key][-1])
-    budgets = [total * f for f in (0.25, 0.5, 0.75, 1.0)]
-    rows = []
-    for method in methods:
-        row = {"method": method}
-        for b in budgets:
-            accs = []
-            for c in curves[method]:
-                within = np.flatnonzero(c[key] <= b + 1e-9)
-                if within.size:
-                    accs.append(c["accuracy"][within[-1]])
-            row[f"{label} <= {b:.0f}"] = _pm(accs) if len(accs) == len(curves[method]) else "-"
-        rows.append(row)
-    return format_table(rows, list(rows[0]))
-
-
-def _metrics(run: Path) -> list[dict]:
-    return read_jsonl(run / "metrics.jsonl")
-
-
-def _table8(methods, runs) -> str:
-    rows = []
-    for method in methods:
-        ms = [m for run in runs[method].values() for m in _metrics(run)]
-        row = {"method": method}
-        for key, label in [("clip_frac", "clip frac"), ("kl_ref", "KL to ref")]:
-            values = np.array([m[key] for m in ms if key in m])
-            row[f"mean {label}"] = f"{values.mean():.2e}" if values.size else "-"
-            row[f"max {label}"] = f"{values.max():.2e}" if values.size else "-"
-        rows.append(row)
-    return format_table(rows, list(rows[0]))
-
-
-def _table7(methods, runs) -> str:
-    rows = []
-    for method in methods:
-        if not method.startswith("gxpo"):
-            continue
-        ms = [(run, _metrics(run)) for run in runs[method].values()]
-        active = [m for _, rows_ in ms for m in rows_ if m.get("gxpo/active") == 1]
-        shutoffs = []
-        for _, rows_ in ms:
-            off = [m["step"] for m in rows_ if m.get("gxpo/active") == 0]
-            shutoffs.append(str(off[0]) if off else "never")
-
-        def med(key, active=active):
-            values = [m[key] for m in active if key in m]
-            return f"{np.median(values):.3f}" if values else "-"
-
-        rows.append(
-            {
-                "K": method[4:],
-                "median retention r": med("gxpo/retention_mean"),
-                "scale mean": med("gxpo/scale_mean"),
-                "inactive fraction": med("gxpo/inactive_fraction"),
-                "cos(g_tilde, g0)": med("gxpo/cos_corrective_initial"),
-                "gate shut off at step (per seed)": ", ".join(shutoffs),
-            }
-        )
-    return format_table(rows, list(rows[0])) if rows else "(no GXPO runs)"
-
-
-def _plot(methods, curves, means, out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    for ax, key, label in zip(
-        axes,
-        ("step", "backward_passes", "wall_seconds"),
-        ("training step", "backward passes", "wall-clock seconds"),
-    ):
-        for method in methods:
-            m = means[method]
-            acc, std = 100 * m["accuracy"], 100 * m["accuracy_std"]
-            (line,) = ax.plot(m[key], acc, marker="o", ms=3, label=method)
-            ax.fill_between(m[key], acc - std, acc + std, color=line.get_color(), alpha=0.15)
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out accuracy, avg pass@1 (%)")
-    axes[0].legend()
-    fig.suptitle("Mean over seeds, band = ±1 std")
-    fig.tight_layout()
-    path = out / "plots" / "accuracy.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def analyze(out: str | Path, methods: Sequence[str] | None = None) -> str:
-    """Builds every table and the plot from `<out>/runs`; returns the tables as Markdown."""
-    out = Path(out)
-    runs = _load(out)
-    if not runs:
-        raise FileNotFoundError(f"{out}/runs holds no run with an eval.jsonl")
-    methods = [m for m in (methods or runs) if m in runs]
-    curves = {m: [_curve(r) for _, r in sorted(runs[m].items())] for m in methods}
-    means = {m: _mean_curve(curves[m]) for m in methods}
-    plot = _plot(methods, curves, means, out)
-    sections = [
-        ("Peak accuracy and cost to reach GRPO's peak (cf. the paper's Table 2)", _table2),
-        ("Final avg pass@1 (cf. Table 1)", None),
-        ("Accuracy at matched backward-pass budgets (cf. Table 3)", "backward_passes"),
-        ("Accuracy at matched wall-clock budgets (cf. Table 4)", "wall_seconds"),
-        ("GXPO diagnostics over active steps (cf. Table 7)", None),
-        ("Clip fraction and KL to the reference (cf. Table 8)", None),
-    ]
-    bodies = [
-        _table2(methods, curves, means),
-        _table1(methods, runs),
-        _budget_table(methods, curves, means, "backward_passes", "passes"),
-        _budget_table(methods, curves, means, "wall_seconds", "seconds"),
-        _table7(methods, runs),
-        _table8(methods, runs),
-    ]
-    seeds = sorted({s for m in methods for s in runs[m]})
-    text = f"Runs: {', '.join(methods)}; seeds {seeds}. Plot: {plot.relative_to(out)}\n"
-    for (title, _), body in zip(sections, bodies):
-        text += f"\n### {title}\n\n```\n{body}\n```\n"
-    (out / "tables.md").write_text(text)
-    return text
+            workdir.mkdir(parents=True, exist_ok=True)
+            _log_run(workdir, {"event": "start"})  # before the load: what ran before us
+            cpu, elapsed = time.process_time(), time.perf_counter()
+            trainer = Trainer(c, workdir, checked=True)
+            start_step = trainer.step
+            trainer.run()
+            _log_run(
+                workdir,
+                {
+                    "event": "end",
+                    "step": trainer.step,
+                    "from_step": start_step,
+                    "wall_seconds": float(trainer.state.wall_seconds),
+                    "elapsed_seconds": time.perf_counter() - elapsed,
+                    "cpu_seconds": time.process_time() - cpu,  # every thread of this process
+                },
+            )
+            if commit_runs:
+                commit(out, f"study: {workdir.name} done")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -322,17 +252,28 @@ def main(argv: Sequence[str]) -> None:
     out = Path(_OUT.value)
     methods = list(_METHODS.value)
     for method in methods:
-        method_overrides(method)  # fail on a typo before any training
+        check_method(method)  # fail on a typo before any training
+    if _SURROGATE_EVERY.value < 0:
+        raise ValueError(f"--surrogate_every={_SURROGATE_EVERY.value}: must be >= 0 (0 = off)")
     if not _ANALYZE_ONLY.value:
         if _CONFIG.value is None:
-            sys.exit("--config is required unless --analyze_only")
+            raise ValueError("--config is required unless --analyze_only")
         out.mkdir(parents=True, exist_ok=True)
         command = ["python -m gxpo.experiments.compare", *sys.argv[1:]]
         (out / "command.txt").write_text(" ".join(command) + "\n")
         (out / "base_config.json").write_text(_CONFIG.value.to_json(indent=2))
-        run_all(_CONFIG.value, out, methods, [int(s) for s in _SEEDS.value])
+        run_all(
+            _CONFIG.value,
+            out,
+            methods,
+            [int(s) for s in _SEEDS.value],
+            surrogate_every=_SURROGATE_EVERY.value,
+            commit_runs=_COMMIT.value,
+        )
     print(analyze(out, methods))
+    if _COMMIT.value:
+        commit(out, f"study: {out.name} tables and plots")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

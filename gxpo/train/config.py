@@ -115,7 +115,7 @@ def validate(config: Any) -> None:
     _check(bool(d.question_field), "data.question_field", d.question_field, "must be a field name")
     _choice("data.answer_kind", d.answer_kind, rewards.KINDS)
     _validate_reward(config, train, evals)
-    _validate_logging(config.logging)
+    _validate_logging(config.logging, config.policy_update.name)
     # rollout
     _check(r.prompts_per_step >= 1, "rollout.prompts_per_step", r.prompts_per_step, "must be >= 1")
     _check(
@@ -277,12 +277,28 @@ def _validate_reward(config: Any, train: Any, evals: list) -> None:
     )
 
 
-def _validate_logging(lg: Any) -> None:
+def _validate_logging(lg: Any, policy_update: str) -> None:
     _check(
         lg.samples_per_step >= 0,
         "logging.samples_per_step",
         lg.samples_per_step,
         "must be >= 0 (0 = off)",
+    )
+    every = lg.get("surrogate_every", 0)
+    _check(every >= 0, "logging.surrogate_every", every, "must be >= 0 (0 = off)")
+    _check(
+        not every or policy_update == "gxpo",
+        "logging.surrogate_every",
+        every,
+        f"checks GXPO's predicted point, but config.policy_update.name={policy_update!r}; "
+        "set it to 0 or use gxpo",
+    )
+    depths = tuple(lg.get("surrogate_depths", ()))
+    _check(
+        not every or (depths and all(isinstance(k, int) and k >= 2 for k in depths)),
+        "logging.surrogate_depths",
+        depths,
+        "must be one or more ints >= 2 (the K to check, e.g. (3, 5, 10))",
     )
     if lg.wandb_project:
         _check(

@@ -172,6 +172,14 @@ def base_config() -> ml_collections.ConfigDict:
     # Also log the metrics to this Weights & Biases project (needs `pip install wandb`; works
     # with WANDB_MODE=offline); "" = TensorBoard and JSONL only.
     c.logging.wandb_project = ""
+    # The surrogate check (gxpo.train.surrogate; the GXPO paper's Table 6 on this run's model):
+    # every this many steps while GXPO's gate is on, also take K real inner steps on the step's
+    # batch for each K of surrogate_depths and log how far GXPO's predicted K-step point lies
+    # from them (surrogate/K<K>/...). Diagnostic only: nothing is applied, its gradients are not
+    # counted in backward_passes, its seconds are left out of wall_seconds. 0 = off; needs
+    # policy_update.name = "gxpo".
+    c.logging.surrogate_every = 0
+    c.logging.surrogate_depths = (3, 5, 10)  # each K >= 2; costs max(K) - 1 gradients a check
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 300

@@ -38,6 +38,7 @@ from gxpo.train import loss as loss_lib
 from gxpo.train import memory as memory_lib
 from gxpo.train import mesh as mesh_lib
 from gxpo.train import rows as rows_lib
+from gxpo.train import surrogate as surrogate_lib
 from gxpo.train.checkpoint import Checkpointer, prepare_workdir
 from gxpo.train.config import validate
 from gxpo.train.logging import ProgressBar, RunLogger
@@ -173,6 +174,9 @@ class Trainer:
                 self.reference = "weights"
                 self.reference_weights = jax.tree.map(jnp.copy, trainable)
         self._build_step(trainable)
+        self.surrogate = None  # GXPO's predicted point against real steps (diagnostic only)
+        if c.logging.get("surrogate_every", 0):
+            self.surrogate = surrogate_lib.SurrogateCheck(c, self.model_config)
         # One sampling config per kind of call; each call adds its prompts' shared prefix.
         sampling = functools.partial(SamplingConfig, eos_ids=self.eos_ids, pad_id=self.pad_id)
         self.rollout_sampling = sampling(
@@ -593,6 +597,11 @@ class Trainer:
         jax.block_until_ready(batch)
         t1 = time.perf_counter()
         state, per_update = self.state, []
+        surrogate = {}  # run before the update (which donates the state), then not timed
+        if self.surrogate is not None and self.surrogate.due(step + 1, state.opt_state):
+            first = jax.device_put(self._mini_batches(batch, step, 0)[0], self.batch_sharding)
+            surrogate = self.surrogate(state, self.frozen, first)
+        skipped = surrogate.get("surrogate/seconds", 0.0)
         update = self._update_program(state)  # the last step's updates are done: no wait
         for epoch in range(self.config.train.epochs):
             for mini in self._mini_batches(batch, step, epoch):
@@ -607,7 +616,7 @@ class Trainer:
             state,
             step=int(state.step) + 1,
             data=self.train_iter.state(),
-            seconds=t2 - t0,
+            seconds=t2 - t0 - skipped,
             scalar_sharding=self.scalar_sharding,
         )
         for key in per_update[0]:
@@ -616,8 +625,9 @@ class Trainer:
             backward_passes=int(self.state.backward_passes),
             wall_seconds=float(self.state.wall_seconds),
             rollout_seconds=t1 - t0,
-            update_seconds=t2 - t1,
+            update_seconds=t2 - t1 - skipped,
         )
+        metrics.update(surrogate)
         return metrics
 
     # ------------------------------------------------------------------ eval
