@@ -589,6 +589,13 @@ class Trainer:
         size = batch.tokens.shape[0] // M
         return [jax.tree.map(lambda x, i=i: x[i * size : (i + 1) * size], batch) for i in range(M)]
 
+    def _placed(self, mini: loss_lib.Batch) -> loss_lib.Batch:
+        """A mini-batch as the update takes it: with its packing plan (`train.pack_responses`),
+        on the mesh."""
+        if self.packed:
+            mini = loss_lib.with_packing(mini)
+        return jax.device_put(mini, self.batch_sharding)
+
     def train_step(self) -> dict[str, Any]:
         """One rollout batch and its policy updates; returns the step's metrics."""
         t0, step = time.perf_counter(), self.step
@@ -599,16 +606,13 @@ class Trainer:
         state, per_update = self.state, []
         surrogate = {}  # run before the update (which donates the state), then not timed
         if self.surrogate is not None and self.surrogate.due(step + 1, state.opt_state):
-            first = jax.device_put(self._mini_batches(batch, step, 0)[0], self.batch_sharding)
+            first = self._placed(self._mini_batches(batch, step, 0)[0])
             surrogate = self.surrogate(state, self.frozen, first)
         skipped = surrogate.get("surrogate/seconds", 0.0)
         update = self._update_program(state)  # the last step's updates are done: no wait
         for epoch in range(self.config.train.epochs):
             for mini in self._mini_batches(batch, step, epoch):
-                if self.packed:
-                    mini = loss_lib.with_packing(mini)
-                mini = jax.device_put(mini, self.batch_sharding)
-                state, m = update(state, self.frozen, mini)
+                state, m = update(state, self.frozen, self._placed(mini))
                 per_update.append(m)
         per_update = jax.device_get(per_update)
         t2 = time.perf_counter()
