@@ -235,16 +235,24 @@ def decode(
     cache: DecodeCache,
     *,
     use_lora: bool = True,
+    visible_BxS: jax.Array | None = None,
 ) -> tuple[jax.Array, DecodeCache]:
     """Feeds one token per row; returns the next-token logits [B, V] and the updated cache. The
     cache is updated in place (donated when called eagerly; inside a jitted loop, carry it).
 
     Pass `unstack_layers(weights)`, made once before a decoding loop (see `KVCache`): the layers
     are then unrolled, each reading its own weights and cache without a copy; `weights` stacked
-    still works, at the cost of that copy per step."""
+    still works, at the cost of that copy per step.
+
+    `visible_BxS`: the decoded slots each row sees, this step's slot `index` included, where rows
+    started at different steps (a refilling loop, whose rows write its slots as a ring); by
+    default every row sees slots [0, index]."""
     weights = unstack_layers(weights)
     slot = cache.index
-    visible_S = jnp.arange(cache.v[0].shape[2]) <= slot
+    if visible_BxS is None:
+        visible_S = jnp.arange(cache.v[0].shape[2]) <= slot
+    else:
+        visible_S = visible_BxS[:, None, None]
     rope = rope_tables(config, cache.positions[:, None]) if cache.rope is None else cache.rope
     x_Bx1xD = constrain(embed(config, weights, tokens_B[:, None]), ACTIVATION_AXES)
     k, v = [], []

@@ -12,6 +12,13 @@ which is then prefilled once and held once for all B rows, each prompt's rest at
 The loop runs in a few segments over a decoded cache grown between them, since a step reads
 every allocated slot; it carries the rotary tables, which XLA would otherwise recompute per
 element inside every layer.
+
+With `SamplingConfig.slots` below B, the refilling loop (`_sample_refilling`) decodes that many
+rows at once instead: every prompt is prefilled once up front, and a row that ends hands its
+slot to the next pending row, whose prompt's keys and values are copied into the slot, so the
+B rows stream through the slots and no step decodes a finished row while rows are pending.
+Each row draws its tokens from uniforms of (row, position) alone (`gxpo.rl.sampling.uniforms`),
+so both loops return the same tokens for the same key.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import numpy as np
 from gxpo.models.config import ModelConfig
 from gxpo.models.decode import DecodeCache, decode, prefill, unstack_layers
 from gxpo.models.lora import fold_lora
-from gxpo.models.transformer import Transformer
-from gxpo.rl.sampling import Greedy, Temperature, TopP, rule_for
+from gxpo.models.sharding import DECODE_KEYS_AXES, DECODE_VALUES_AXES, constrain
+from gxpo.models.transformer import Transformer, rope_tables
+from gxpo.rl.sampling import Greedy, Temperature, TopP, rule_for, uniforms
 
 _END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
 _SEGMENT_SLOTS = 24  # decoded slots per segment of the decoding loop by default
@@ -57,6 +65,10 @@ class SamplingConfig:
         cannot check this on the data: a wrong split gives wrong samples.
       segments: the decoding loop runs in this many parts, each over a decoded cache just large
         enough for it (one more compilation of the step each); None picks a few by the length.
+      slots: rows decoded at once. 0, or at least the call's rows: all of them (the static loop:
+        a row that ends idles until the longest one ends). Fewer: the refilling loop, whose KV
+        cache holds `slots` rows (and every prompt once), each row that ends handing its slot
+        to the next pending one; the same output.
     """
 
     max_new_tokens: int
@@ -69,8 +81,11 @@ class SamplingConfig:
     use_lora: bool = True
     prompt_split: tuple[int, int] | None = None
     segments: int | None = None
+    slots: int = 0
 
     def __post_init__(self):
+        if self.slots < 0:
+            raise ValueError(f"slots={self.slots} must be >= 0 (0 = every row at once)")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.num_samples < 1:
@@ -85,6 +100,7 @@ class SamplingConfig:
             top_p=float(self.top_p),
             eos_ids=tuple(sorted(int(i) for i in self.eos_ids)),
             pad_id=int(self.pad_id),
+            slots=int(self.slots),
         )
         if self.prompt_split is not None:
             normal["prompt_split"] = tuple(int(n) for n in self.prompt_split)
@@ -145,33 +161,70 @@ def sample(
     prompt_mask_QxP: jax.Array,
     key: jax.Array,
     sampling: SamplingConfig,
+    budget_B: jax.Array | None = None,
+    first_row: jax.Array | int = 0,
 ) -> SampleOutput:
     """The pure, jitted sampler over a weights dict: `sampling.num_samples` responses for each
-    left-padded prompt (see `generate`); the same key gives the same output."""
+    left-padded prompt (see `generate`); the same key gives the same output.
+
+    `budget_B` (benchmarks): row b ends after min(budget_B[b], max_new_tokens) tokens, as if it
+    had drawn an end token there (random weights never do). `first_row`: the rows' index in
+    the whole batch, for their draws (row r draws from (key, first_row + r, position)): a batch
+    sampled in chunks draws the same tokens as in one call."""
     Q, P = prompt_tokens_QxP.shape
     A, G = sampling.max_new_tokens, sampling.num_samples
     B = Q * G
     prompt_mask_QxP = prompt_mask_QxP.astype(bool)
+    budget_B = jnp.full((B,), A, jnp.int32) if budget_B is None else jnp.clip(budget_B, 1, A)
+    rows_B = first_row + jnp.arange(B, dtype=jnp.int32)
     logits_QxV, prompt_cache, shared = _prefill_prompts(
         weights, config, prompt_tokens_QxP, prompt_mask_QxP, sampling
     )
+    weights = unstack_layers(_without_adapters(weights, config, sampling.use_lora))
+    # Every row's first token, from the logits after its prompt.
+    first_B, first_logp_B = sampling.rule(
+        jnp.repeat(logits_QxV, G, axis=0), uniforms(key, rows_B, jnp.zeros((B,), jnp.int32))
+    )
+    run = _sample_refilling if 0 < sampling.slots < B else _sample_static
+    tokens_BxA, logprobs_BxA, lengths_B = run(
+        weights, config, prompt_cache, shared, key, sampling, rows_B, budget_B, first_B,
+        first_logp_B,
+    )  # fmt: skip
+    prompt_tokens_BxP = jnp.repeat(prompt_tokens_QxP, G, axis=0)
+    prompt_mask_BxP = jnp.repeat(prompt_mask_QxP, G, axis=0)
+    response_mask_BxA = jnp.arange(A)[None, :] < lengths_B[:, None]
+    return SampleOutput(
+        tokens=jnp.concatenate([prompt_tokens_BxP, tokens_BxA], axis=1),
+        prompt_mask=jnp.concatenate([prompt_mask_BxP, jnp.zeros((B, A), bool)], axis=1),
+        response_mask=jnp.concatenate([jnp.zeros((B, P), bool), response_mask_BxA], axis=1),
+        logprobs=jnp.concatenate([jnp.zeros((B, P), jnp.float32), logprobs_BxA], axis=1),
+        lengths=lengths_B,
+    )
+
+
+def _sample_static(
+    weights, config, prompt_cache, shared, key, sampling, rows_B, budget_B, first_B, first_logp_B
+):
+    """Every row decoded at once, each prompt's cache held once for its G rows, until every row
+    has ended: the response tokens [B, A], their log-probs and the lengths [B]."""
+    A, G = sampling.max_new_tokens, sampling.num_samples
+    B = rows_B.shape[0]
     # Slots for the A - 1 tokens fed back (the last drawn token is never fed), in segments.
     ends = _segment_ends(max(A - 1, 1), sampling.segments)
     cache = prompt_cache.for_decoding(copies=G, slots=ends[0], shared=shared).with_rope(config)
-    weights = unstack_layers(_without_adapters(weights, config, sampling.use_lora))
     rule, stop_ids = sampling.rule, jnp.asarray(sampling.stop_ids, jnp.int32)
 
-    def draw(state: SamplingState, logits_BxV: jax.Array) -> SamplingState:
-        """`state` after drawing response token `state.step` from `logits_BxV`."""
-        token_B, logp_B = rule(logits_BxV, jax.random.fold_in(key, state.step))
+    def draw(state: SamplingState, token_B: jax.Array, logp_B: jax.Array) -> SamplingState:
+        """`state` after drawing `token_B` as response token `state.step`."""
         token_B = jnp.where(state.done, sampling.pad_id, token_B)
         logp_B = jnp.where(state.done, 0.0, logp_B)
+        lengths_B = state.lengths + (~state.done).astype(jnp.int32)
         at = (0, state.step)
         return state._replace(
             step=state.step + 1,
             token=token_B,
-            done=state.done | jnp.isin(token_B, stop_ids),
-            lengths=state.lengths + (~state.done).astype(jnp.int32),
+            done=state.done | jnp.isin(token_B, stop_ids) | (lengths_B >= budget_B),
+            lengths=lengths_B,
             tokens=jax.lax.dynamic_update_slice(state.tokens, token_B[:, None], at),
             logprobs=jax.lax.dynamic_update_slice(state.logprobs, logp_B[:, None], at),
         )
@@ -180,7 +233,8 @@ def sample(
         logits_BxV, cache = decode(
             weights, config, state.token, state.cache, use_lora=sampling.use_lora
         )
-        return draw(state._replace(cache=cache), logits_BxV)
+        u_B = uniforms(key, rows_B, jnp.broadcast_to(state.step, (B,)))
+        return draw(state._replace(cache=cache), *rule(logits_BxV, u_B))
 
     start = SamplingState(
         step=jnp.asarray(0, jnp.int32),
@@ -191,7 +245,7 @@ def sample(
         logprobs=jnp.zeros((B, A), jnp.float32),
         cache=cache,
     )
-    state = draw(start, jnp.repeat(logits_QxV, G, axis=0))
+    state = draw(start, first_B, first_logp_B)
     for segment, end in enumerate(ends):
         if segment:
             state = state._replace(cache=state.cache.grow(end))
@@ -199,17 +253,162 @@ def sample(
         last = min(end + 1, A)
         more = lambda state, last=last: (state.step < last) & ~jnp.all(state.done)
         state = jax.lax.while_loop(more, step, state)
+    return state.tokens, state.logprobs, state.lengths
 
-    prompt_tokens_BxP = jnp.repeat(prompt_tokens_QxP, G, axis=0)
-    prompt_mask_BxP = jnp.repeat(prompt_mask_QxP, G, axis=0)
-    response_mask_BxA = jnp.arange(A)[None, :] < state.lengths[:, None]
-    return SampleOutput(
-        tokens=jnp.concatenate([prompt_tokens_BxP, state.tokens], axis=1),
-        prompt_mask=jnp.concatenate([prompt_mask_BxP, jnp.zeros((B, A), bool)], axis=1),
-        response_mask=jnp.concatenate([jnp.zeros((B, P), bool), response_mask_BxA], axis=1),
-        logprobs=jnp.concatenate([jnp.zeros((B, P), jnp.float32), state.logprobs], axis=1),
-        lengths=state.lengths,
+
+class RefillState(NamedTuple):
+    """What the refilling loop carries: S slots, each decoding one of the B rows or idle."""
+
+    step: jax.Array  # [] int32: decoding steps run; this step writes decoded slot step % C
+    row: jax.Array  # [S] int32: the row each slot decodes, B when idle
+    position: jax.Array  # [S] int32: response index of the token this step draws (= tokens fed)
+    token: jax.Array  # [S] int32: the token this step feeds back
+    next: jax.Array  # [] int32: how many rows of the queue have started
+    tokens: jax.Array  # [B, A] int32: the responses, pad_id after each end
+    logprobs: jax.Array  # [B, A] float32: log-prob of each drawn token, 0 after the end
+    lengths: jax.Array  # [B] int32: tokens drawn per row, the end token included
+    cache: DecodeCache  # S rows: each slot's prompt, copied in as its row starts, and its tokens
+
+
+def _sample_refilling(
+    weights, config, prompt_cache, shared, key, sampling, rows_B, budget_B, first_B, first_logp_B
+):
+    """The B rows streamed through `sampling.slots` decoding slots: the same tokens, log-probs
+    and lengths as `_sample_static` (up to the order of float sums).
+
+    Each slot's cache holds its row's prompt (copied from the prompts' prefill when the row
+    starts, so a prompt runs once for its G rows) and C = A - 1 decoded slots used as a ring:
+    every slot writes ring slot step % C at each step, and a row sees the last `position`
+    ones, its own. A row starts in a free slot from its first token (drawn with every row's
+    up front), so starting costs a copy of the prompt's keys and values, no model pass; rows
+    that end at their first token never take a slot."""
+    A, G, S = sampling.max_new_tokens, sampling.num_samples, sampling.slots
+    B = rows_B.shape[0]
+    C = max(A - 1, 1)
+    rule, stop_ids = sampling.rule, jnp.asarray(sampling.stop_ids, jnp.int32)
+    # The prompts in the decoding layout, Q rows (one decoded slot each, unused).
+    source = prompt_cache.for_decoding(copies=1, slots=1, shared=shared)
+    done_B = jnp.isin(first_B, stop_ids) | (budget_B <= 1)
+    queue_B = jnp.argsort(done_B, stable=True).astype(jnp.int32)  # rows to decode, in order
+    pending = B - jnp.sum(done_B, dtype=jnp.int32)
+
+    def empty(x, axes, last):  # S rows of a per-layer cache buffer like x, last axis `last`
+        return constrain(jnp.zeros((S, *x.shape[1:-1], last), x.dtype), axes)
+
+    def empty_v(x, last):  # values [E, K, S, H]: the slot axis is the third
+        return constrain(jnp.zeros((S, x.shape[1], last, x.shape[3]), x.dtype), DECODE_VALUES_AXES)
+
+    P = source.prompt_mask.shape[1]
+    cache = source._replace(
+        prompt_k=tuple(empty(k, DECODE_KEYS_AXES, P) for k in source.prompt_k),
+        prompt_v=tuple(empty_v(v, P) for v in source.prompt_v),
+        prompt_mask=jnp.zeros((S, P), bool),
+        k=tuple(empty(k, DECODE_KEYS_AXES, C) for k in source.k),
+        v=tuple(empty_v(v, C) for v in source.v),
+        positions=jnp.zeros((S,), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    ).with_rope(config)
+
+    def put(dst, src_1, slot):  # dst with row `slot` replaced by the one row of src_1
+        return jax.lax.dynamic_update_index_in_dim(dst, src_1.astype(dst.dtype), slot, axis=0)
+
+    def start(state: RefillState) -> RefillState:
+        """The next row of the queue started in the first free slot."""
+        slot = jnp.argmax(state.row == B)
+        row = queue_B[state.next]
+        take = lambda x: jax.lax.dynamic_index_in_dim(x, row // G, axis=0)  # its prompt's
+        position = source.positions[row // G]
+        c = state.cache
+        rope = rope_tables(config, position[None, None])
+        c = c._replace(
+            prompt_k=tuple(put(k, take(src), slot) for k, src in zip(c.prompt_k, source.prompt_k)),
+            prompt_v=tuple(put(v, take(src), slot) for v, src in zip(c.prompt_v, source.prompt_v)),
+            prompt_mask=put(c.prompt_mask, take(source.prompt_mask), slot),
+            positions=c.positions.at[slot].set(position),
+            rope=tuple(put(x, r, slot) for x, r in zip(c.rope, rope)),
+        )
+        return state._replace(
+            row=state.row.at[slot].set(row),
+            position=state.position.at[slot].set(1),
+            token=state.token.at[slot].set(first_B[row]),
+            next=state.next + 1,
+            cache=c,
+        )
+
+    can_start = lambda state: jnp.any(state.row == B) & (state.next < pending)
+
+    def step(state: RefillState) -> RefillState:
+        ring = state.step % C
+        # This row's fed tokens sit in the last `position` ring slots, this step's included.
+        visible_SxC = (ring - jnp.arange(C)) % C < state.position[:, None]
+        logits_SxV, cache = decode(
+            weights,
+            config,
+            state.token,
+            state.cache._replace(index=ring),
+            use_lora=sampling.use_lora,
+            visible_BxS=visible_SxC,
+        )
+        active_S = state.row < B
+        row_S = jnp.minimum(state.row, B - 1)
+        token_S, logp_S = rule(logits_SxV, uniforms(key, rows_B[row_S], state.position))
+        drawn_S = state.position + 1
+        ended_S = active_S & (jnp.isin(token_S, stop_ids) | (drawn_S >= budget_B[row_S]))
+        # Idle slots write out of bounds (row B): dropped.
+        state = state._replace(
+            step=state.step + 1,
+            row=jnp.where(ended_S, B, state.row),
+            position=drawn_S,
+            token=token_S,
+            tokens=state.tokens.at[state.row, state.position].set(token_S, mode="drop"),
+            logprobs=state.logprobs.at[state.row, state.position].set(logp_S, mode="drop"),
+            lengths=state.lengths.at[jnp.where(ended_S, state.row, B)].set(drawn_S, mode="drop"),
+            cache=cache,
+        )
+        return jax.lax.while_loop(can_start, start, state)
+
+    state = RefillState(
+        step=jnp.zeros((), jnp.int32),
+        row=jnp.full((S,), B, jnp.int32),
+        position=jnp.zeros((S,), jnp.int32),
+        token=jnp.zeros((S,), jnp.int32),
+        next=jnp.zeros((), jnp.int32),
+        tokens=jnp.full((B, A), sampling.pad_id, jnp.int32).at[:, 0].set(first_B),
+        logprobs=jnp.zeros((B, A), jnp.float32).at[:, 0].set(first_logp_B),
+        lengths=jnp.ones((B,), jnp.int32),  # rows that never start end at their first token
+        cache=cache,
     )
+    state = jax.lax.while_loop(can_start, start, state)
+    state = jax.lax.while_loop(lambda state: jnp.any(state.row < B), step, state)
+    return state.tokens, state.logprobs, state.lengths
+
+
+_LENGTHS_FORMAT = "lognormal:<median>:<sigma>"
+_LENGTHS_STREAM = 2**31 - 1  # folded into the key for the lengths, past any row index
+
+
+def parse_lengths(spec: str) -> tuple[float, float]:
+    """(median, sigma) of a benchmark lengths spec "lognormal:<median>:<sigma>"; ValueError
+    unless median >= 1 and sigma >= 0."""
+    kind, _, rest = spec.partition(":")
+    try:
+        median, sigma = (float(x) for x in rest.split(":"))
+    except ValueError:
+        median = sigma = float("nan")
+    if kind != "lognormal" or not (median >= 1 and sigma >= 0):
+        raise ValueError(f"{spec!r} is not {_LENGTHS_FORMAT!r} with median >= 1, sigma >= 0")
+    return median, sigma
+
+
+def benchmark_budgets(spec: str, key: jax.Array, rows: int, max_new_tokens: int) -> np.ndarray:
+    """[rows] int32 response budgets for `sample`'s `budget_B` (benchmarks: random weights never
+    draw an end token): lengths from a log-normal distribution of the spec's median and sigma
+    (a long tail, as real responses to math problems have), rounded into [1, max_new_tokens],
+    drawn from `key` (another stream than the tokens')."""
+    median, sigma = parse_lengths(spec)
+    normal = np.asarray(jax.random.normal(jax.random.fold_in(key, _LENGTHS_STREAM), (rows,)))
+    lengths = np.rint(median * np.exp(sigma * normal.astype(np.float64)))
+    return np.clip(lengths, 1, max_new_tokens).astype(np.int32)
 
 
 def _segment_ends(slots: int, segments: int | None) -> tuple[int, ...]:
@@ -314,6 +513,7 @@ def generate(
     ignore_eos: bool = False,
     prompt_bucket: int = 32,
     use_lora: bool = True,
+    slots: int = 0,
 ) -> SampleOutput:
     """Samples `num_samples` responses for each left-padded prompt.
 
@@ -321,8 +521,9 @@ def generate(
       model: a `Transformer`, or `(weights, config)` as the trainer holds them.
       prompt_tokens_QxP, prompt_mask_QxP: left-padded prompts (mask 1 on real tokens).
       key: PRNG key; the same key gives the same output.
-      max_new_tokens, temperature, top_p, num_samples, eos_ids, pad_id, ignore_eos, use_lora:
-        see `SamplingConfig`.
+      max_new_tokens, temperature, top_p, num_samples, eos_ids, pad_id, ignore_eos, use_lora,
+        slots: see `SamplingConfig` (`slots` below Q * num_samples: the refilling loop, which
+        holds a KV cache of that many rows and wastes no step on ended rows while rows wait).
       prompt_bucket: prompts are left-padded to a multiple of this, so that batches of nearby
         lengths reuse one compilation; a system prompt they all share is prefilled once.
 
@@ -341,6 +542,7 @@ def generate(
         ignore_eos=ignore_eos,
         use_lora=use_lora,
         prompt_split=split_prompts(tokens, mask, prompt_bucket),
+        slots=slots,
     )
     tokens, mask = jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool)
     return sample(weights, config, tokens, mask, key, settings)

@@ -1,12 +1,14 @@
 """The sampler's token-draw rules: each a small frozen (hashable, so jit-static) object with
-`rule(logits_BxV, key) -> (token_B, logprob_B)`, the log-prob of the drawn token under the
+`rule(logits_BxV, u_B) -> (token_B, logprob_B)`, the log-prob of the drawn token under the
 distribution it was drawn from (what the trainer's log-probs are compared with).
 
 Shapes: the key in `gxpo.models.config`.
 
 A token is drawn with a single uniform per row through the CDF, which is exact and avoids
 generating V random numbers per row per step; the CDF is searched in two levels (`InverseCdf`:
-block sums, then one block), so no step runs a cumulative sum over all V.
+block sums, then one block), so no step runs a cumulative sum over all V. Each uniform comes
+from its (row, response position) alone (`uniforms`): a row draws the same tokens whichever
+other rows share its batch and whenever it is decoded (the refilling sampler relies on it).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ def rule_for(temperature: float, top_p: float) -> Greedy | Temperature | TopP:
 class Greedy:
     """The most likely token, and its log-prob under softmax(logits)."""
 
-    def __call__(self, logits_BxV: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        del key
+    def __call__(self, logits_BxV: jax.Array, u_B: jax.Array) -> tuple[jax.Array, jax.Array]:
+        del u_B
         logits_BxV = logits_BxV.astype(jnp.float32)
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         best_Bx1 = jnp.take_along_axis(logits_BxV, token_B[:, None], axis=-1)
@@ -91,9 +93,17 @@ class InverseCdf:
         return (block_B * self.width + index_B).astype(jnp.int32), cum_BxZ[:, -1]
 
 
-def _uniform(key: jax.Array, rows: int) -> jax.Array:
-    # u in (0, 1]: the first token whose running mass reaches u * total has positive mass.
-    return 1.0 - jax.random.uniform(key, (rows,), jnp.float32)
+def uniforms(key: jax.Array, rows_B: jax.Array, positions_B: jax.Array) -> jax.Array:
+    """u_B in (0, 1], each from the key folded with its row, then its position in the response:
+    a function of (key, row, position) only. (In (0, 1]: the first token whose running mass
+    reaches u * total then has positive mass.) Two key derivations and one draw per row and
+    step, negligible beside a decoding step's matmuls."""
+
+    def one(row, position):
+        key_rp = jax.random.fold_in(jax.random.fold_in(key, row), position)
+        return 1.0 - jax.random.uniform(key_rp, (), jnp.float32)
+
+    return jax.vmap(one)(rows_B, positions_B)
 
 
 def _scale(logits_BxV: jax.Array, temperature: float) -> jax.Array:
@@ -114,10 +124,9 @@ class Temperature:
     temperature: float = 1.0
     cdf: InverseCdf = InverseCdf()
 
-    def __call__(self, logits_BxV: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, logits_BxV: jax.Array, u_B: jax.Array) -> tuple[jax.Array, jax.Array]:
         scaled_BxV = _scale(logits_BxV, self.temperature)
         max_Bx1 = jnp.max(scaled_BxV, axis=-1, keepdims=True)
-        u_B = _uniform(key, logits_BxV.shape[0])
         # The total is the block sums' running sum (a sum over [B, V] costs as much as the max),
         # and only the block the draw lands in is read again.
         blocks_BxZxW = self.cdf.blocks(scaled_BxV, -jnp.inf)
@@ -136,10 +145,9 @@ class TopP:
     temperature: float = 1.0
     cdf: InverseCdf = InverseCdf()
 
-    def __call__(self, logits_BxV: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, logits_BxV: jax.Array, u_B: jax.Array) -> tuple[jax.Array, jax.Array]:
         scaled_BxV = _scale(logits_BxV, self.temperature)
         max_Bx1 = jnp.max(scaled_BxV, axis=-1, keepdims=True)
-        u_B = _uniform(key, logits_BxV.shape[0])
         weights_BxV = jnp.exp(scaled_BxV - max_Bx1)  # unnormalised probabilities, the largest 1
         total_B = jnp.sum(weights_BxV, axis=-1)
         sorted_BxV = jnp.sort(weights_BxV, axis=-1)[:, ::-1]

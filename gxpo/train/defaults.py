@@ -70,6 +70,17 @@ def base_config() -> ml_collections.ConfigDict:
     # bounds the sampler's KV cache to prompts_per_step / sample_chunks groups; the batch that
     # the update sees is the same.
     c.rollout.sample_chunks = 1
+    # Rows the sampler decodes at once (its KV cache), in rollouts and evaluation calls. Below a
+    # call's rows: the refilling sampler, one call through which every row streams (a row that
+    # ends hands its slot to the next pending one, so no step decodes an ended row while rows
+    # wait); it holds every prompt's keys and values once beside the slots. 0 = the chunks'
+    # rows (prompts_per_step * responses_per_prompt / sample_chunks) when sample_chunks > 1,
+    # else all of a call's rows at once (the static sampler, in sample_chunks calls).
+    c.rollout.decode_slots = 0
+    # Benchmarks only (random weights never draw an end token): "lognormal:<median>:<sigma>"
+    # ends each rollout response at a length drawn per row from the step's key, as if it had
+    # drawn an end token there; "" = off (responses end at their end token).
+    c.rollout.benchmark_lengths = ""
     # The update sees prompt + the longest response of the batch rounded up to this many tokens
     # (fewer padded tokens per backward pass, at most max_new_tokens / bucket compilations);
     # 0 = always prompt + max_new_tokens.

@@ -32,7 +32,14 @@ from gxpo.rl.data import (
 )
 from gxpo.rl.evaluate import benchmark_table, summarize
 from gxpo.rl.rewards import RewardFunctions, RewardScorer, Scores
-from gxpo.rl.sampler import SampleOutput, SamplingConfig, end_token_ids, sample, split_prompts
+from gxpo.rl.sampler import (
+    SampleOutput,
+    SamplingConfig,
+    benchmark_budgets,
+    end_token_ids,
+    sample,
+    split_prompts,
+)
 from gxpo.train import builders, run_state
 from gxpo.train import loss as loss_lib
 from gxpo.train import memory as memory_lib
@@ -177,8 +184,17 @@ class Trainer:
         self.surrogate = None  # GXPO's predicted point against real steps (diagnostic only)
         if c.logging.get("surrogate_every", 0):
             self.surrogate = surrogate_lib.SurrogateCheck(c, self.model_config)
+        # Rows decoded at once: below a call's rows, the refilling sampler (one call).
+        rows = c.rollout.prompts_per_step * c.rollout.responses_per_prompt
+        slots = c.rollout.decode_slots
+        if not slots and c.rollout.sample_chunks > 1:
+            slots = rows // c.rollout.sample_chunks  # the chunks' KV-cache rows, in one call
+        if slots:
+            rows_lib.check_rows(slots, self.mesh, "config.rollout.decode_slots")
         # One sampling config per kind of call; each call adds its prompts' shared prefix.
-        sampling = functools.partial(SamplingConfig, eos_ids=self.eos_ids, pad_id=self.pad_id)
+        sampling = functools.partial(
+            SamplingConfig, eos_ids=self.eos_ids, pad_id=self.pad_id, slots=slots
+        )
         self.rollout_sampling = sampling(
             max_new_tokens=c.rollout.max_new_tokens,
             num_samples=c.rollout.responses_per_prompt,
@@ -328,15 +344,31 @@ class Trainer:
         return loss_lib.merge_weights(self.state.trainable, self.frozen)
 
     def _sample(
-        self, examples, key, sampling: SamplingConfig, *, own_rows: bool, chunks: int = 1
+        self,
+        examples,
+        key,
+        sampling: SamplingConfig,
+        *,
+        own_rows: bool,
+        chunks: int = 1,
+        rollout: bool = False,
     ) -> Samples:
-        """Samples on the mesh, in `chunks` sequential calls of as many prompts each (one
-        compilation, a KV cache for one chunk); decodes the texts of this process's rows
-        (`own_rows`) or of all rows."""
+        """Samples on the mesh: one call of the refilling sampler where `sampling.slots` is
+        below the rows, else in `chunks` sequential calls of as many prompts each (one
+        compilation, a KV cache for one chunk); the same draws either way (a row's come from
+        its index in the whole batch). Decodes the texts of this process's rows (`own_rows`)
+        or of all rows. A `rollout` call's responses end at `rollout.benchmark_lengths`."""
         tokens_QxP, mask_QxP = self._encode(examples)  # one prompt length for every chunk
         # A system prompt common to all prompts is prefilled once (valid for every chunk too).
         split = split_prompts(tokens_QxP, mask_QxP, self.config.rollout.prompt_bucket)
         sampling = dataclasses.replace(sampling, prompt_split=split)
+        rows = len(examples) * sampling.num_samples
+        if 0 < sampling.slots < rows:
+            chunks = 1
+        spec = self.config.rollout.benchmark_lengths
+        budget_B = None
+        if rollout and spec:
+            budget_B = benchmark_budgets(spec, key, rows, sampling.max_new_tokens)
         weights = self.weights
         outs = [
             self._sample_fn(
@@ -344,11 +376,17 @@ class Trainer:
                 self.model_config,
                 rows_lib.put_rows(self.mesh, tokens),
                 rows_lib.put_rows(self.mesh, np.asarray(mask, bool)),
-                key if chunks == 1 else jax.random.fold_in(key, chunk),
+                key,
                 sampling,
+                None if budget_B is None else rows_lib.put_rows(self.mesh, budget),
+                first_row=chunk * (rows // chunks),
             )
-            for chunk, (tokens, mask) in enumerate(
-                zip(np.split(tokens_QxP, chunks), np.split(mask_QxP, chunks))
+            for chunk, (tokens, mask, budget) in enumerate(
+                zip(
+                    np.split(tokens_QxP, chunks),
+                    np.split(mask_QxP, chunks),
+                    np.split(np.zeros(rows) if budget_B is None else budget_B, chunks),
+                )
             )
         ]
         out = outs[0] if chunks == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *outs)
@@ -371,6 +409,7 @@ class Trainer:
             self.rollout_sampling,
             own_rows=True,
             chunks=self.config.rollout.sample_chunks,
+            rollout=True,
         )
         rewards, reward_metrics, scores = self.score(examples, samples)
         if self.config.logging.samples_per_step:
@@ -415,10 +454,11 @@ class Trainer:
             examples = next(self.train_iter)
             more = self._sample(
                 examples,
-                jax.random.fold_in(key, 1_000_000 + extra),  # apart from the chunks' keys
+                jax.random.fold_in(key, 1_000_000 + extra),  # apart from the step's own draws
                 self.rollout_sampling,
                 own_rows=True,
                 chunks=c.rollout.sample_chunks,
+                rollout=True,
             )
             found += collect(more, self.score(examples, more)[0])
         # Kept groups in order, then uniform ones; prompts left-padded to the longest round's.

@@ -1,5 +1,6 @@
 """The KV-cache sampler: end tokens per row, log-probs equal the trainer's, determinism,
-bucketed shapes share one compilation, and the draw follows the softmax."""
+bucketed shapes share one compilation, the draw follows the softmax, and the refilling loop
+returns the static loop's tokens."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,16 @@ import pytest
 
 from gxpo.models import forward, get_preset, init_model
 from gxpo.rl.grpo import token_logprobs
-from gxpo.rl.sampler import SamplingConfig, bucket_prompts, generate, sample, split_prompts
-from gxpo.rl.sampling import Greedy, Temperature, TopP
+from gxpo.rl.sampler import (
+    SamplingConfig,
+    benchmark_budgets,
+    bucket_prompts,
+    generate,
+    parse_lengths,
+    sample,
+    split_prompts,
+)
+from gxpo.rl.sampling import Greedy, Temperature, TopP, uniforms
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +139,66 @@ def test_a_shared_system_prompt_and_decoding_in_segments_change_nothing(model):
         assert np.abs(diff).max() < FORWARD_TOL
 
 
+def test_refilling_sampler_returns_the_static_samplers_tokens(model):
+    # 4 prompts sharing a system prompt x 3 samples through 5 slots: rows end at very different
+    # steps (an end token every 9th id of the vocabulary, per-row budgets), so slots refill
+    # often, and rows ending at their first token never take one.
+    tokens, mask = _system_prompts([5, 9, 2, 7])
+    kw = dict(
+        max_new_tokens=20,
+        num_samples=3,
+        eos_ids=tuple(range(0, 512, 9)),
+        pad_id=511,
+        prompt_split=split_prompts(tokens, mask, 16),
+    )
+    budget_B = jnp.array([20, 20, 3, 20, 1, 20, 20, 6, 20, 20, 20, 20])
+    args = (model.weights(), model.config, jnp.asarray(tokens), jnp.asarray(mask))
+    static = sample(*args, jax.random.key(4), SamplingConfig(**kw), budget_B)
+    refill = sample(*args, jax.random.key(4), SamplingConfig(**kw, slots=5), budget_B)
+    np.testing.assert_array_equal(refill.tokens, static.tokens)
+    np.testing.assert_array_equal(refill.lengths, static.lengths)
+    np.testing.assert_array_equal(refill.response_mask, static.response_mask)
+    np.testing.assert_array_equal(refill.prompt_mask, static.prompt_mask)
+    # Attention sums in another order (the slots' ring, each slot's own prompt copy), in each
+    # of the L layers, as in the segments' test.
+    tol = TINY.num_layers * np.sqrt(tokens.shape[1] + 20) * LOG_V * EPS32
+    np.testing.assert_allclose(refill.logprobs, static.logprobs, atol=tol)
+    logits = forward(model.weights(), model.config, refill.tokens, refill.attention_mask)
+    logp = token_logprobs(logits, refill.tokens, temperature=1.0)
+    diff = np.where(refill.response_mask, np.asarray(logp) - np.asarray(refill.logprobs), 0.0)
+    assert np.abs(diff).max() < FORWARD_TOL
+    # The lengths the test means to cover, and each row ended by its end token or its budget.
+    lengths, response = np.asarray(static.lengths), np.asarray(static.tokens)[:, 32:]
+    ended = np.isin(response[np.arange(12), lengths - 1], kw["eos_ids"])
+    assert lengths[4] == 1 and lengths[2] <= 3 and 20 in lengths
+    assert np.sum(ended & (lengths == 1)) >= 1  # an end token first: never decoded
+    assert len(set(lengths.tolist())) >= 6
+    assert np.all(ended | (lengths == np.asarray(budget_B)))
+    assert np.all(response[np.arange(20)[None] >= lengths[:, None]] == 511)
+
+
+def test_uniforms_are_a_function_of_row_and_position():
+    key, rows, positions = jax.random.key(5), jnp.array([0, 7, 3, 7]), jnp.array([2, 2, 9, 4])
+    u = np.asarray(uniforms(key, rows, positions))
+    np.testing.assert_array_equal(uniforms(key, rows[::-1], positions[::-1]), u[::-1])
+    np.testing.assert_array_equal(uniforms(key, rows[1:2], positions[1:2]), u[1:2])
+    assert np.all((u > 0) & (u <= 1)) and len(set(u.tolist())) == 4
+
+
+def test_benchmark_budgets_are_long_tailed_within_the_budget():
+    budgets = benchmark_budgets("lognormal:50:1.0", jax.random.key(0), 4000, 256)
+    assert budgets.dtype == np.int32 and budgets.min() >= 1 and budgets.max() == 256
+    # The median of 4000 draws is within ~0.04 sigma of the true one (exp(0.04) ~ 1.04).
+    assert 46 <= np.median(budgets) <= 54 and budgets.mean() > 1.2 * np.median(budgets)
+    np.testing.assert_array_equal(
+        budgets, benchmark_budgets("lognormal:50:1.0", jax.random.key(0), 4000, 256)
+    )
+    assert parse_lengths("lognormal:50:0") == (50.0, 0.0)
+    for bad in ("lognormal:50", "lognormal:0.5:1", "normal:50:1", "lognormal:a:1"):
+        with pytest.raises(ValueError, match="lognormal:<median>:<sigma>"):
+            parse_lengths(bad)
+
+
 def test_split_prompts(model):
     # Rests of up to 41 - 8 tokens, rounded up to 48 but capped by the 48 - 8 columns left.
     assert split_prompts(*_system_prompts([1, 30, 4]), bucket=16) == (8, 40)
@@ -163,13 +232,14 @@ def test_greedy_is_argmax_of_the_full_forward(model):
 
 def test_draws_follow_the_softmax_and_top_p_truncates():
     logits = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05, 0.0]))[None].repeat(20000, 0)
-    token, logp = Temperature(1.0)(logits, jax.random.key(0))
+    draw = lambda seed: uniforms(jax.random.key(seed), jnp.arange(20000), jnp.zeros(20000, int))
+    token, logp = Temperature(1.0)(logits, draw(0))
     freq = np.bincount(np.asarray(token), minlength=5) / 20000
     # A frequency's standard deviation over 20k draws is at most 0.0035: 0.012 is 3.4 of them.
     np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05, 0.0], atol=0.012)
     # A float32 log-softmax of 5 logits: a few roundings of |log p| <= 3, 10x below 1e-5.
     np.testing.assert_allclose(np.exp(logp), np.array([0.5, 0.3, 0.15, 0.05])[token], rtol=1e-5)
-    token, _ = TopP(top_p=0.7, temperature=1.0)(logits, jax.random.key(1))
+    token, _ = TopP(top_p=0.7, temperature=1.0)(logits, draw(1))
     freq = np.bincount(np.asarray(token), minlength=5) / 20000
     np.testing.assert_allclose(freq, [0.625, 0.375, 0, 0, 0], atol=0.012)
 
@@ -181,6 +251,7 @@ def test_draws_follow_the_softmax_and_top_p_truncates():
         (dict(num_samples=0), "num_samples"),
         (dict(top_p=0.0), "top_p"),
         (dict(temperature=-1.0), "temperature"),
+        (dict(slots=-1), "slots"),
     ],
 )
 def test_bad_arguments(model, kwargs, field):

@@ -8,6 +8,7 @@ Shapes: the key in `gxpo.models.config` (A + 1 = T - P + 1: the update's logits 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -195,6 +196,14 @@ def main() -> None:
                 rows_lib.put_rows(mesh, np.asarray(batch0.mask)), chunks=2, **kw,
             )  # fmt: skip
             out["chunked_logp_diff"] = max(max_diff(a, b) for a, b in zip(chunked, whole))
+            # The refilling sampler on the mesh: 8 rows through 4 slots, the same draws.
+            refilled = mesh_lib.on_mesh(mesh, sample)(
+                weights, CONFIG, rows_lib.put_rows(mesh, np.asarray(prompt)),
+                rows_lib.put_rows(mesh, np.asarray(prompt_mask)), jax.random.key(3),
+                dataclasses.replace(sampling, slots=4),
+            )  # fmt: skip
+            out["refill_tokens_equal"] = bool(np.array_equal(refilled.tokens, sampled.tokens))
+            out["refill_logp_diff"] = max_diff(refilled.logprobs, sampled.logprobs)
             _, cache = mesh_lib.on_mesh(mesh, prefill)(
                 weights, CONFIG, rows_lib.put_rows(mesh, np.asarray(batch0.tokens)),
                 rows_lib.put_rows(mesh, np.asarray(batch0.mask)), T + 4,

@@ -90,11 +90,12 @@ def test_sharded_steps_equal_single_device_steps_on_8_devices():
         assert r["kernel_down"] == [None, "tensor", "fsdp"], shape
         assert r["embed"] == ["tensor", "fsdp"] and r["lm_head"] == ["fsdp", "tensor"], shape
         assert r["batch_tokens"] == [["data", "fsdp"], None], shape
-    # The sampler runs sharded on the same arrays, draws the same tokens, and its KV cache is
-    # split over rows and KV heads.
+    # The sampler (static and refilling) runs sharded on the same arrays, draws the same
+    # tokens, and its KV cache is split over rows and KV heads.
     r = results["2x2x2"]
     assert r["sample_tokens_equal"] and r["sample_logp_diff"] < 1e-5
     assert r["chunked_logp_diff"] < 1e-5  # the trainer's chunked log-prob pass, sharded
+    assert r["refill_tokens_equal"] and r["refill_logp_diff"] < 1e-5
     sizes = {"data": 2, "fsdp": 2, "tensor": 2}
     assert _drop_unit_axes(r["kv_cache"], sizes) == [None, ["data", "fsdp"], None, "tensor"]
     assert r["kv_cache_rule"] == [None, ["data", "fsdp"], None, "tensor", None]

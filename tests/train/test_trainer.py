@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gxpo.rl.rewards import RewardStats
+from gxpo.rl.sampler import benchmark_budgets
 from gxpo.train.builders import check
 from gxpo.train.logging import read_jsonl
 from gxpo.train.trainer import Trainer
@@ -72,27 +73,41 @@ def test_three_steps_complete_and_count_backward_passes(name, evals, tmp_path):
     assert max(jax.tree.leaves(moved)) > 0
 
 
-def test_sampling_in_chunks_gives_the_same_rollout(tmp_path):
-    trainer = Trainer(_config(), tmp_path)
-    examples = next(trainer.train_iter)[:4]
-    greedy = dataclasses.replace(
-        trainer.rollout_sampling, num_samples=2, max_new_tokens=6, temperature=0.0
-    )
-    whole, texts, lengths, _ = trainer._sample(examples, jax.random.key(0), greedy, own_rows=True)
-    chunked, chunk_texts, chunk_lengths, _ = trainer._sample(
-        examples, jax.random.key(1), greedy, own_rows=True, chunks=2
-    )
-    assert texts == chunk_texts and np.array_equal(lengths, chunk_lengths)
-    for a, b in zip(whole, chunked):
-        a, b = np.asarray(a), np.asarray(b)
-        if a.dtype != np.float32:  # tokens, masks, lengths
-            np.testing.assert_array_equal(a, b)
-            continue
-        # float32 log-probs from batches of other sizes: each of a layer's ~4 reductions may
-        # round differently, <= 4 * L * eps32 relative to |logp|, doubled.
-        L = trainer.model_config.num_layers
-        atol = 8 * L * np.finfo(np.float32).eps * float(np.max(np.abs(b)))
-        np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+def test_sampling_in_chunks_or_refilling_slots_gives_the_same_rollout(tmp_path):
+    # A row's draws come from its index in the whole batch: one call, two chunks and the
+    # refilling sampler (3 slots for 4 rows) draw the same tokens at temperature 1, and the
+    # benchmark's response budgets reach every row alike.
+    c = _config()
+    c.rollout.benchmark_lengths = "lognormal:3:1.0"
+    trainer = Trainer(c, tmp_path)
+    examples = next(trainer.train_iter)  # 2 prompts
+    sampling = dataclasses.replace(trainer.rollout_sampling, num_samples=2, max_new_tokens=6)
+    assert sampling.temperature == 1.0 and sampling.slots == 0
+    calls = [
+        dict(sampling=sampling),
+        dict(sampling=sampling, chunks=2),
+        dict(sampling=dataclasses.replace(sampling, slots=3)),
+    ]
+    whole, *others = [
+        trainer._sample(examples, jax.random.key(1), own_rows=True, rollout=True, **call)
+        for call in calls
+    ]
+    budget = benchmark_budgets(c.rollout.benchmark_lengths, jax.random.key(1), 4, 6)
+    lengths = np.asarray(whole.out.lengths)
+    assert np.all(lengths <= budget) and len(set(budget.tolist())) > 1
+    assert np.any(lengths == budget) and np.any(lengths < 6)
+    for other in others:
+        assert other.texts == whole.texts and np.array_equal(other.lengths_B, whole.lengths_B)
+        for a, b in zip(whole.out, other.out):
+            a, b = np.asarray(a), np.asarray(b)
+            if a.dtype != np.float32:  # tokens, masks, lengths
+                np.testing.assert_array_equal(a, b)
+                continue
+            # float32 log-probs from batches of other sizes: each of a layer's ~4 reductions may
+            # round differently, <= 4 * L * eps32 relative to |logp|, doubled.
+            L = trainer.model_config.num_layers
+            atol = 8 * L * np.finfo(np.float32).eps * float(np.max(np.abs(b)))
+            np.testing.assert_allclose(a, b, rtol=0, atol=atol)
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
@@ -144,6 +159,9 @@ BAD_CONFIGS = [
     ("policy_update.gate.window", 0, r"config\.policy_update\.gate\.window=0: must"),
     ("rollout.responses_per_prompt", 1, "responses_per_prompt"),
     ("rollout.top_p", 0.9, "top_p"),
+    ("rollout.decode_slots", -1, "rollout.decode_slots"),
+    ("rollout.benchmark_lengths", "lognormal:0:1", "rollout.benchmark_lengths"),
+    ("rollout.benchmark_lengths", "uniform:3", "rollout.benchmark_lengths"),
     ("train.mini_batches", 3, "mini_batches"),
     ("model.path", "/no/such/checkpoint", "model.path"),
     ("model.preset", "gpt5", "model.preset"),
