@@ -33,8 +33,13 @@ def _fake_rewards(trainer):
     """A random model never answers correctly; give each response a reward from its text so
     that advantages, and so gradients, are not zero."""
 
+    G = trainer.config.rollout.responses_per_prompt
+
     def score_batch(texts, refs, kinds, format_reward=0.0):
         rewards = np.array([zlib.crc32(t.encode()) % 2 for t in texts], np.float32)
+        if len(rewards) % G == 0:  # a rollout batch: no group all equal, every group learns
+            groups = rewards.reshape(-1, G)  # a view
+            groups[groups.min(axis=1) == groups.max(axis=1), 0] += 1
         return rewards, RewardStats(count=len(texts))
 
     trainer.scorer.score_batch = score_batch
