@@ -8,8 +8,8 @@ update's batch holds responses of exactly A tokens. The update runs as the train
 (`gxpo.train.builders.update_step`, the paper's loss with KL, AdamW behind a 1.0 clip), with
 remat and one micro-batch per prompt (4 rows), so that 64 rows x 1088 tokens fit in memory;
 each shape's old and reference log-probs are computed once, per prompt, beforehand. Times are
-medians of `--repeats` calls after one warm-up (compilation excluded). Prints a table; the last
-line holds the growth from the smallest to the largest shape:
+medians of `--repeats` calls of programs compiled ahead (compilation excluded). Prints a table;
+the last line holds the growth from the smallest to the largest shape:
 
     sampler_tok_s_drop=<x> grpo_growth=<x> gxpo_growth=<x> work_growth=<x>
 
@@ -29,7 +29,7 @@ from flax import nnx
 
 from gxpo.models import get_preset, init_model, split_trainable
 from gxpo.rl import grpo
-from gxpo.rl.sampler import generate
+from gxpo.rl.sampler import SamplingConfig, sample
 from gxpo.train import builders
 from gxpo.train import loss as loss_lib
 from gxpo.train.defaults import base_config
@@ -39,13 +39,12 @@ GROUP = 4  # responses per prompt
 PROMPT_TOKENS = 64
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls of `fn` after one warm-up call."""
-    jax.block_until_ready(fn())
+def timed(call, repeats: int) -> float:
+    """Median seconds of `repeats` calls of an already compiled `call`."""
     seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn())
+        jax.block_until_ready(call())
         seconds.append(time.perf_counter() - start)
     return statistics.median(seconds)
 
@@ -59,14 +58,16 @@ def batch_for(model_config, trainable, frozen, rows: int, new_tokens: int) -> lo
     tokens_BxT[:, :P] = np.repeat(tokens_BxT[::GROUP, :P], GROUP, axis=0)
     tokens_BxT, mask_BxT = jnp.asarray(tokens_BxT), jnp.ones((rows, P + A), bool)
     logprobs = jax.jit(
-        lambda t, m: loss_lib.batch_logprobs(
-            trainable, frozen, None, t, m, model_config=model_config, temperature=1.0,
+        lambda w, f, t, m: loss_lib.batch_logprobs(
+            w, f, None, t, m, model_config=model_config, temperature=1.0,
             window=A + 1, with_old=True, reference="adapters_off", group_size=GROUP,
         )
     )  # fmt: skip
     # One prompt's rows at a time: the logits of 64 rows x 1025 tokens would not fit.
-    groups = range(0, rows, GROUP)
-    parts = [logprobs(tokens_BxT[i : i + GROUP], mask_BxT[i : i + GROUP]) for i in groups]
+    parts = [
+        logprobs(trainable, frozen, tokens_BxT[i : i + GROUP], mask_BxT[i : i + GROUP])
+        for i in range(0, rows, GROUP)
+    ]
     old, ref = (jnp.concatenate(x) for x in zip(*parts))
     return loss_lib.Batch(
         tokens=tokens_BxT,
@@ -90,6 +91,7 @@ def update_seconds(policy, model_config, trainable, frozen, batch, rows, repeats
     own = jax.tree.map(jnp.copy, trainable)
     state = [init_state(own, tx.init(own), {"position": 0})]
     update = builders.update_step(c, model_config, tx)
+    update = update.lower(state[0], frozen, batch).compile()  # compiled ahead: not timed
 
     def call():
         state[0], metrics = update(state[0], frozen, batch)
@@ -100,16 +102,12 @@ def update_seconds(policy, model_config, trainable, frozen, batch, rows, repeats
 
 def sampler_tokens_per_second(weights, model_config, rows, new_tokens, repeats) -> float:
     rng = np.random.default_rng(1)
-    prompts = rng.integers(0, model_config.vocab_size, (rows // GROUP, PROMPT_TOKENS))
-    mask = np.ones_like(prompts)
-
-    def call():
-        return generate(
-            (weights, model_config), prompts, mask, jax.random.key(0),
-            max_new_tokens=new_tokens, num_samples=GROUP, ignore_eos=True,
-        )  # fmt: skip
-
-    return rows * new_tokens / timed(call, repeats)
+    prompts = jnp.asarray(rng.integers(0, model_config.vocab_size, (rows // GROUP, PROMPT_TOKENS)))
+    mask = jnp.ones(prompts.shape, bool)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, num_samples=GROUP, ignore_eos=True)
+    key = jax.random.key(0)
+    run = sample.lower(weights, model_config, prompts, mask, key, sampling).compile()  # not timed
+    return rows * new_tokens / timed(lambda: run(weights, prompts, mask, key), repeats)
 
 
 def main() -> None:
@@ -130,7 +128,7 @@ def main() -> None:
     print(
         f"{args.preset} shapes, random weights, LoRA 16, {GROUP} responses per prompt, "
         f"{PROMPT_TOKENS}-token prompts; jax {jax.__version__} on {jax.devices()[0].platform}; "
-        f"medians of {args.repeats} after a warm-up",
+        f"medians of {args.repeats}, compiled ahead",
         flush=True,
     )
     head = (

@@ -66,9 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0  # must stay 1.0 in training
     c.rollout.prompt_bucket = 64  # prompts are left-padded to a multiple of this
-    # The step's prompts are sampled in this many sequential calls (one compilation), which
-    # bounds the sampler's KV cache to prompts_per_step / sample_chunks groups; the batch that
-    # the update sees is the same.
+    # Bounds the sampler's KV cache to prompts_per_step / sample_chunks groups: with
+    # decode_slots = 0, as many rows are the slots of one refilling call (below), else the
+    # prompts are sampled in this many sequential calls (one compilation); the batch that the
+    # update sees is the same.
     c.rollout.sample_chunks = 1
     # Rows the sampler decodes at once (its KV cache), in rollouts and evaluation calls. Below a
     # call's rows: the refilling sampler, one call through which every row streams (a row that
