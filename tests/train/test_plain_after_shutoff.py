@@ -217,6 +217,10 @@ def _trainer(c, workdir):
 
     def score_batch(texts, refs, kinds, format_reward=0.0):  # rewards from the text: gradients
         rewards = np.array([zlib.crc32(t.encode()) % 2 for t in texts], np.float32)
+        G = c.rollout.responses_per_prompt
+        if len(rewards) % G == 0:  # a rollout batch: no group all equal, every group learns
+            groups = rewards.reshape(-1, G)  # a view
+            groups[groups.min(axis=1) == groups.max(axis=1), 0] += 1
         return rewards, RewardStats(count=len(texts))
 
     trainer.scorer.score_batch = score_batch
