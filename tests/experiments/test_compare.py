@@ -5,10 +5,10 @@ import json
 import pathlib
 import subprocess
 import time
-import zlib
 
 import numpy as np
 import pytest
+from fake_rewards import text_rewards
 
 from gxpo.experiments import analysis, compare
 from gxpo.rl.rewards import RewardScorer, RewardStats
@@ -172,8 +172,7 @@ def test_tiny_comparison_resumes_skips_and_commits(tmp_path, monkeypatch):
     def score_batch(self, texts, refs, kinds, format_reward=0.0):
         # A random model scores 0 everywhere: rewards from the text instead, so that the
         # advantages, and so the gradients, are not zero.
-        rewards = np.array([zlib.crc32(t.encode()) % 2 for t in texts], np.float32)
-        rewards[:2] = 0.0, 1.0
+        rewards = text_rewards(texts, c.rollout.responses_per_prompt)
         return rewards, RewardStats(count=len(texts))
 
     monkeypatch.setattr(RewardScorer, "score_batch", score_batch)

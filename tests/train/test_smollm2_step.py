@@ -3,11 +3,11 @@ wheel) with LoRA takes one GXPO step on the arithmetic task: rollout, rewards, t
 gradient evaluations, metrics, evaluation and a checkpoint."""
 
 import pathlib
-import zlib
 
 import jax
 import numpy as np
 import pytest
+from fake_rewards import text_rewards
 
 from gxpo.train.logging import read_jsonl
 from gxpo.train.trainer import Trainer
@@ -40,9 +40,7 @@ def test_one_gxpo_step_of_the_real_model(tmp_path, monkeypatch):
         # Real scoring runs, but 8 samples of an untrained model are often all wrong (zero
         # advantages, zero gradient): reward by a hash of the text so that the step moves.
         _, stats = real_scores(texts, refs, kinds, format_reward=format_reward)
-        rewards = np.array([zlib.crc32(t.encode()) % 2 for t in texts], np.float32)
-        rewards[0], rewards[1] = 0.0, 1.0  # never all equal within the first group
-        return rewards, stats
+        return text_rewards(texts, c.rollout.responses_per_prompt), stats
 
     trainer.scorer.score_batch = score_batch
     before = jax.tree.map(np.copy, trainer.state.trainable)

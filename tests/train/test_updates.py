@@ -2,7 +2,6 @@
 alone, trains configs/tiny.py end to end with its own config field, checks and diagnostics."""
 
 import pathlib
-import zlib
 from typing import NamedTuple
 
 import jax
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from fake_rewards import text_rewards
 
 from gxpo.experiments import compare
 from gxpo.rl.rewards import RewardStats
@@ -86,8 +86,7 @@ def test_a_registered_policy_update_trains_the_tiny_config(toy, tmp_path):
     trainer = Trainer(c, tmp_path)
 
     def score_batch(texts, refs, kinds, format_reward=0.0):  # nonzero advantages
-        rewards = np.array([zlib.crc32(t.encode()) % 2 for t in texts], np.float32)
-        rewards[0], rewards[1] = 0.0, 1.0
+        rewards = text_rewards(texts, c.rollout.responses_per_prompt)
         return rewards, RewardStats(count=len(texts))
 
     trainer.scorer.score_batch = score_batch
