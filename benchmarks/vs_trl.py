@@ -36,10 +36,13 @@ TRL's torch runs with OMP_WAIT_POLICY=PASSIVE (`--omp-wait-policy`): on a shared
 OpenMP threads that spin at every barrier while another job holds a core made `generate`
 several times slower, which would measure the neighbours, not TRL.
 
-By default the TRL side is `trl-fp32`, TRL at its best on this CPU (its bf16 autocast and
-gradient checkpointing make it slower here). Every side's process keeps freed memory
-(`gxpo.allocator.keep_freed_memory`, `--keep-freed-memory`), TRL's too: the same allocator
-setting for all. `--pack=off` runs ours without `train.pack_responses`.
+By default the TRL side is `trl-fp32`: no autocast and no recomputation, what one would pick
+for TRL on a CPU. Measured, the two TRL configurations are close: 22.0 s a step each on a quiet
+day (2026-11-28), the defaults faster on a busy one (31.7 s against 37.2 s). So
+`--sides=trl,trl-fp32,ours` runs both, and the last line is against the faster one. Every
+side's process keeps freed memory (`gxpo.allocator.keep_freed_memory`, `--keep-freed-memory`),
+TRL's too: the same allocator setting for all. `--pack=off` runs ours without
+`train.pack_responses`.
 
 Last line, against the faster TRL side that ran (TRL median wall seconds / ours):
 
