@@ -11,6 +11,8 @@ import zlib
 
 import numpy as np
 
+from gxpo.rl.rewards import RewardStats
+
 
 def text_rewards(texts: list[str], group_size: int) -> np.ndarray:
     """0/1 per text from its hash; in a batch of whole groups, no group has all rewards equal."""
@@ -19,3 +21,14 @@ def text_rewards(texts: list[str], group_size: int) -> np.ndarray:
         groups = rewards.reshape(-1, group_size)  # a view
         groups[groups.min(axis=1) == groups.max(axis=1), 0] += 1
     return rewards
+
+
+def use_text_rewards(trainer):
+    """`trainer` scoring every batch with `text_rewards` (in its rollout groups); returned."""
+    G = trainer.config.rollout.responses_per_prompt
+
+    def score_batch(texts, refs, kinds, format_reward=0.0):
+        return text_rewards(texts, G), RewardStats(count=len(texts))
+
+    trainer.scorer.score_batch = score_batch
+    return trainer

@@ -35,28 +35,16 @@ def config(multihost: bool):
     return c
 
 
-def fake_rewards(trainer):
-    """Rewards from the text, so that advantages are not all zero (as in test_trainer.py)."""
-    from gxpo.rl.rewards import RewardStats  # noqa: PLC0415
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from fake_rewards import text_rewards  # noqa: PLC0415
-
-    def score_batch(texts, refs, kinds, format_reward=0.0):
-        rewards = text_rewards(texts, trainer.config.rollout.responses_per_prompt)
-        return rewards, RewardStats(count=len(texts))
-
-    trainer.scorer.score_batch = score_batch
-    return trainer
-
-
 def main(workdir: str, out: str, mode: str = "--multi") -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     from gxpo.train import rows as rows_lib  # noqa: PLC0415
     from gxpo.train.trainer import Trainer  # noqa: PLC0415
 
+    sys.path.insert(0, str(REPO / "tests"))
+    from fake_rewards import use_text_rewards  # noqa: PLC0415 (rewards from the text)
+
     multihost = mode != "--single"
-    trainer = fake_rewards(Trainer(config(multihost), workdir))
+    trainer = use_text_rewards(Trainer(config(multihost), workdir))
     if multihost:
         assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
     assert trainer.mesh.devices.size == jax.device_count()

@@ -11,13 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from fake_rewards import text_rewards
+from fake_rewards import use_text_rewards
 from flax import nnx
 
 from gxpo.models import get_preset, init_model
 from gxpo.models.lora import split_trainable
 from gxpo.optim import GateState, ZScoreGate
-from gxpo.rl.rewards import RewardStats
 from gxpo.train import builders, updates
 from gxpo.train import loss as loss_lib
 from gxpo.train.defaults import base_config
@@ -213,13 +212,7 @@ def _tiny_config(steps):
 
 
 def _trainer(c, workdir):
-    trainer = Trainer(c, workdir)
-
-    def score_batch(texts, refs, kinds, format_reward=0.0):  # rewards from the text: gradients
-        rewards = text_rewards(texts, c.rollout.responses_per_prompt)
-        return rewards, RewardStats(count=len(texts))
-
-    trainer.scorer.score_batch = score_batch
+    trainer = use_text_rewards(Trainer(c, workdir))  # rewards from the text: gradients
     programs = []
     for attr in ("update", "update_plain"):  # which program runs each update
         fn = getattr(trainer, attr)

@@ -15,7 +15,8 @@ from gxpo.train.logging import read_jsonl
 from gxpo.train.trainer import Trainer
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from train.test_trainer import _config, _fake_rewards  # noqa: E402
+from fake_rewards import use_text_rewards  # noqa: E402
+from train.test_trainer import _config  # noqa: E402
 
 
 def _alternating_rewards(trainer):
@@ -102,7 +103,7 @@ def test_entropy_bonus_and_sequence_ratio_reach_the_update(tmp_path):
     c.loss.importance_level = "sequence"
     c.eval.every, c.eval.at_start = 0, False
     c.data.eval = ()
-    trainer = _fake_rewards(Trainer(c, tmp_path))
+    trainer = use_text_rewards(Trainer(c, tmp_path))
     trainer.run()
     row = read_jsonl(tmp_path / "metrics.jsonl")[0]
     # loss = pg + kl_coef * kl - 0.5 * entropy (token-mean): the bonus is in the logged loss.
@@ -175,10 +176,10 @@ def test_filter_groups_refills_the_batch_and_overlong_penalty_scores(tmp_path):
 
 
 def _some_flat_groups(trainer):
-    """`_fake_rewards` with every third group of a rollout batch flattened to 0: groups the
+    """`use_text_rewards` with every third group of a rollout batch flattened to 0: groups the
     filter drops (the resampled rows draw anew, so a round can pass)."""
     G = trainer.config.rollout.responses_per_prompt
-    score = _fake_rewards(trainer).scorer.score_batch
+    score = use_text_rewards(trainer).scorer.score_batch
 
     def score_batch(texts, refs, kinds, format_reward=0.0):
         rewards, stats = score(texts, refs, kinds, format_reward)

@@ -7,9 +7,8 @@ import json
 import jax
 import numpy as np
 import pytest
-from fake_rewards import text_rewards
+from fake_rewards import use_text_rewards
 
-from gxpo.rl.rewards import RewardStats
 from gxpo.rl.sampler import benchmark_budgets
 from gxpo.train.builders import check
 from gxpo.train.logging import read_jsonl
@@ -29,19 +28,6 @@ def _config(name="gxpo", **train):
     return c
 
 
-def _fake_rewards(trainer):
-    """A random model never answers correctly; give each response a reward from its text so
-    that advantages, and so gradients, are not zero."""
-
-    G = trainer.config.rollout.responses_per_prompt
-
-    def score_batch(texts, refs, kinds, format_reward=0.0):
-        return text_rewards(texts, G), RewardStats(count=len(texts))
-
-    trainer.scorer.score_batch = score_batch
-    return trainer
-
-
 @pytest.fixture(autouse=True)
 def _configs_on_path(monkeypatch):
     import pathlib
@@ -51,7 +37,7 @@ def _configs_on_path(monkeypatch):
 
 @pytest.mark.parametrize("name, evals", [("grpo", 1), ("sfpo", 4), ("gxpo", 3)])
 def test_three_steps_complete_and_count_backward_passes(name, evals, tmp_path):
-    trainer = _fake_rewards(Trainer(_config(name), tmp_path))
+    trainer = use_text_rewards(Trainer(_config(name), tmp_path))
     before = jax.tree.map(np.copy, trainer.state.trainable)
     trainer.run()
 
@@ -112,12 +98,12 @@ def test_sampling_in_chunks_or_refilling_slots_gives_the_same_rollout(tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
-    straight = _fake_rewards(Trainer(_config(steps=4, checkpoint_every=0), tmp_path / "a"))
+    straight = use_text_rewards(Trainer(_config(steps=4, checkpoint_every=0), tmp_path / "a"))
     straight.run()
 
-    first = _fake_rewards(Trainer(_config(steps=2, checkpoint_every=0), tmp_path / "b"))
+    first = use_text_rewards(Trainer(_config(steps=2, checkpoint_every=0), tmp_path / "b"))
     first.run()
-    resumed = _fake_rewards(Trainer(_config(steps=4, checkpoint_every=0), tmp_path / "b"))
+    resumed = use_text_rewards(Trainer(_config(steps=4, checkpoint_every=0), tmp_path / "b"))
     assert resumed.step == 2
     resumed.run()
 
@@ -135,11 +121,11 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
 
 
 def test_a_run_killed_before_its_first_checkpoint_logs_each_evaluation_once(tmp_path):
-    first = _fake_rewards(Trainer(_config(steps=1), tmp_path))
+    first = use_text_rewards(Trainer(_config(steps=1), tmp_path))
     first.evaluate()  # the evaluation at step 0 is logged, then the run dies before a save
     first.close()
     assert first.checkpointer.latest_step() is None
-    again = _fake_rewards(Trainer(_config(steps=1), tmp_path))
+    again = use_text_rewards(Trainer(_config(steps=1), tmp_path))
     assert again.step == 0
     again.run()
     assert [r["step"] for r in read_jsonl(tmp_path / "eval.jsonl")] == [0, 1]
@@ -206,7 +192,7 @@ def test_packed_responses_give_the_unpacked_update(tmp_path):
     gradients each, the reference log-probs) moves the adapters the same way."""
     runs = {}
     for pack in (True, False):
-        trainer = _fake_rewards(
+        trainer = use_text_rewards(
             Trainer(_config(steps=1, pack_responses=pack), tmp_path / str(pack))
         )
         assert trainer.packed is pack

@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from fake_rewards import text_rewards
+from fake_rewards import use_text_rewards
 
 from gxpo.experiments import compare
-from gxpo.rl.rewards import RewardStats
 from gxpo.train import builders, updates
 from gxpo.train.logging import read_jsonl
 from gxpo.train.trainer import Trainer
@@ -83,13 +82,7 @@ def test_a_registered_policy_update_trains_the_tiny_config(toy, tmp_path):
     c = _config(scale=0.25)
     assert builders.step_buffers(c) == 6  # what the memory estimate counts
     assert compare.method_overrides("toy") == {"policy_update.name": "toy"}
-    trainer = Trainer(c, tmp_path)
-
-    def score_batch(texts, refs, kinds, format_reward=0.0):  # nonzero advantages
-        rewards = text_rewards(texts, c.rollout.responses_per_prompt)
-        return rewards, RewardStats(count=len(texts))
-
-    trainer.scorer.score_batch = score_batch
+    trainer = use_text_rewards(Trainer(c, tmp_path))  # nonzero advantages
     before = jax.tree.map(np.copy, trainer.state.trainable)
     trainer.run()
 
