@@ -19,6 +19,7 @@ import numpy as np
 from gxpo.tables import format_table
 from gxpo.train.logging import read_jsonl
 
+RUN_LOG = "harness.jsonl"  # per run: one row at each (re)start and one at the end
 BOOTSTRAP_SAMPLES = 10_000
 # Surrogate errors (gxpo.train.surrogate.prediction_errors) in the Table 6 analogue's columns.
 SURROGATE_COLUMNS = [
@@ -45,12 +46,23 @@ def _curve(run: Path) -> dict[str, np.ndarray]:
     }
 
 
+def is_complete(workdir: Path, steps: int) -> bool:
+    """Whether the run in `workdir` reached `steps`: the harness logged its end there, or (a
+    run without that log) it was evaluated at that step."""
+    ends = [r for r in read_jsonl(workdir / RUN_LOG) if r.get("event") == "end"]
+    if any(r.get("step") == steps for r in ends):
+        return True
+    return any(r.get("step") == steps for r in read_jsonl(workdir / "eval.jsonl"))
+
+
 def load_runs(out: Path) -> dict[str, dict[int, Path]]:
-    """method -> seed -> run directory, for every run with an eval.jsonl."""
+    """method -> seed -> run directory, for every finished run (`is_complete` at its config's
+    `train.steps`): a run still under way would cut its method's seed-mean curve short."""
     runs: dict[str, dict[int, Path]] = {}
     for run in sorted((out / "runs").glob("*_s*")):
         method, seed = run.name.rsplit("_s", 1)
-        if seed.isdigit() and (run / "eval.jsonl").exists():
+        steps = _config(run).get("train", {}).get("steps")
+        if seed.isdigit() and steps is not None and is_complete(run, steps):
             runs.setdefault(method, {})[int(seed)] = run
     return runs
 

@@ -38,10 +38,9 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from gxpo import cli
-from gxpo.experiments.analysis import analyze
+from gxpo.experiments.analysis import RUN_LOG, analyze, is_complete
 from gxpo.train import updates
 from gxpo.train.defaults import authors_recipe
-from gxpo.train.logging import read_jsonl
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Base config file.", lock_config=False)
 _OUT = flags.DEFINE_string("out", None, "Results directory.", required=True)
@@ -155,24 +154,12 @@ def method_config(config, method: str, seed: int, *, surrogate_every: int = 0):
     return c
 
 
-RUN_LOG = "harness.jsonl"  # per run: one row at each (re)start and one at the end
-
-
 def _log_run(workdir: Path, row: dict) -> None:
     """Appends `row` to the run's `harness.jsonl` with the time and the machine's load average
     (1, 5, 15 min): a reader sees whether something else ran beside the run."""
     row = dict(row, time=time.strftime("%Y-%m-%dT%H:%M:%S"), loadavg=list(os.getloadavg()))
     with (workdir / RUN_LOG).open("a") as f:
         f.write(json.dumps(row) + "\n")
-
-
-def is_complete(workdir: Path, steps: int) -> bool:
-    """Whether the run in `workdir` reached `steps`: the harness logged its end there, or (a
-    run without that log) it was evaluated at that step."""
-    ends = [r for r in read_jsonl(workdir / RUN_LOG) if r.get("event") == "end"]
-    if any(r.get("step") == steps for r in ends):
-        return True
-    return any(r.get("step") == steps for r in read_jsonl(workdir / "eval.jsonl"))
 
 
 def commit(out: Path, message: str) -> None:

@@ -16,9 +16,13 @@ from gxpo.train.logging import read_jsonl
 from gxpo.train.surrogate import SurrogateCheck
 
 
-def _write_run(root, name, accs, passes_per_step, seconds_per_step, active=None):
+def _write_run(root, name, accs, passes_per_step, seconds_per_step, active=None, steps=None):
+    """A run evaluated every 2 steps with accuracies `accs`; `steps` (default: its last eval
+    step) is its config's train.steps, which a run still under way has not reached."""
     run = root / "runs" / name
     run.mkdir(parents=True)
+    last = 2 * (len(accs) - 1)
+    (run / "config.json").write_text(json.dumps({"train": {"steps": steps or last}}))
     evals = [
         {
             "step": 2 * i,
@@ -54,7 +58,10 @@ def test_tables_from_known_curves(tmp_path):
     for seed in (0, 1):
         _write_run(tmp_path, f"grpo_s{seed}", [0.2, 0.3, 0.4, 0.5], 1, 10.0)
         _write_run(tmp_path, f"gxpo5_s{seed}", [0.2, 0.5, 0.6, 0.6], 3, 20.0, active=4)
+    # A seed still under way (evaluated to step 2 of 6) stays out: it would cut the curve short.
+    _write_run(tmp_path, "gxpo5_s2", [0.2, 0.9], 3, 20.0, steps=6)
     text = compare.analyze(tmp_path, ["grpo", "gxpo5"])
+    assert "seeds [0, 1]" in text.splitlines()[0]
     assert "GRPO's peak (seed-mean curve): 50.0%" in text
     gxpo_row = next(line for line in text.splitlines() if line.startswith("gxpo5"))
     # steps 2 vs 6 (3x), backward passes 6 vs 6 (1x), wall seconds 40 vs 60 (1.5x)
