@@ -283,11 +283,13 @@ def _phase_table(methods, runs) -> tuple[str, str] | str:
         name = _update_name(next(iter(runs[method].values())), method)
         if name not in ("gxpo", "sfpo"):
             continue
-        offs, phases = [], {"active": [], "after shutoff": []}
+        offs, peaks, phases = [], [], {"active": [], "after shutoff": []}
         for run in runs[method].values():
             ms = _metrics(run)
             off = shutoff_step(ms, name)
             offs.append("never" if off is None else str(off))
+            zs = [m[f"{name}/gate_z"] for m in ms if f"{name}/gate_z" in m]
+            peaks.append(f"{max(zs):.2f}" if zs else "-")
             for m in ms:
                 after = off is not None and m["step"] >= off
                 phases["after shutoff" if after else "active"].append(m)
@@ -321,14 +323,17 @@ def _phase_table(methods, runs) -> tuple[str, str] | str:
                     "clip frac": med("clip_frac"),
                     "entropy": med("entropy"),
                     "gate shutoff (per seed)": ", ".join(offs),
+                    "max gate z (per seed)": ", ".join(peaks),
                 }
             )
     if not rows:
         return "(no gated method)"
     note = (
         "Medians over the steps of each phase, all seeds pooled. Shutoff: the first step that "
-        "was plain for good (the gate fired on the step before). grad_evals counts one "
-        "mini-batch's gradients (the authors' variant runs 4 mini-batches a step)."
+        "was plain for good (the gate fired on the step before); max gate z: the largest z-score "
+        "the gate saw in the run, against its threshold (and patience) in the run's config. "
+        "grad_evals counts one mini-batch's gradients (the authors' variant runs 4 "
+        "mini-batches a step)."
     )
     return note, format_table(rows, list(rows[0]))
 

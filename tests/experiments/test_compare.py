@@ -46,6 +46,7 @@ def _write_run(root, name, accs, passes_per_step, seconds_per_step, active=None,
             "gxpo/scale_mean": 1.5,
             "gxpo/inactive_fraction": 0.1,
             "gxpo/cos_corrective_initial": 0.97,
+            "gxpo/gate_z": 0.5 * s,
         }
         for s in steps
     ]
@@ -68,6 +69,7 @@ def test_tables_from_known_curves(tmp_path):
     assert "3.00x" in gxpo_row and "1.00x" in gxpo_row and "1.50x" in gxpo_row
     assert "60.0 ± 0.0" in gxpo_row  # peak accuracy
     assert "4, 4" in text  # the gate shut off at step 4 in both seeds
+    assert "3.00, 3.00" in text  # its largest z-score, at step 6 (0.5 * 6), in both seeds
     assert (tmp_path / "plots" / "accuracy.png").stat().st_size > 10_000
     assert (tmp_path / "tables.md").read_text() == text
 
