@@ -25,19 +25,19 @@ held-out problems x 4 samples, seed 0 (`python -m gxpo.evaluate --config=configs
 +, - and x mixes three operations (negative differences, products up to 81) at ~20% to start,
 with pass@4 at 53% (the model can answer about half of them: room to learn) and 300 distinct
 problems: 100 held out, training draws the other 200 (+ and - alone leave only 100 to train on).
+With this config's shorter system prompt the base model scores 16.8% avg pass@1 (the study's
+step-0 evaluation, 16.7-16.9% over its three seeds).
 
 Sizing: 60 steps; the gate's warm-up 10 with a window of 20 lets it fire from step 31 on, so a
 run can have both phases (the authors' variant keeps its own gate: 50 + 30 updates, 4 a step);
 13 evaluations of 100 problems x 4 samples. Hardware: this project's 2-core CPU, no GPU.
 
-Run time (an estimate: measured only beside other jobs, at a load average of 6-13). Seed 0, 6
-steps: grpo 48.6 s a step, gxpo5 104 s (its one surrogate check 200 s more, off the clock); the
-processes had about a third of a core (CPU s / elapsed s 0.31-0.38). The same shape alone on
-this CPU (configs/smollm2_arith.py) takes 10.5 s a GXPO step, so about 6 min of training for a
-GRPO run, 10-13 min for grpo_epochs3, sfpo3 and gxpo5, 15-30 min for gxpo5_authors, plus about
-6 min of evaluations and 1 min of loading each: about 2 hours a seed, 6 hours for the study,
-with nothing else running. Each run's own clock and the load beside it are in
-results/cpu_study/tables.md ("Runs").
+Run time (measured: the 18 runs ran one at a time on this 2-core CPU, nothing else running;
+each run's own clock and the load beside it are in results/cpu_study/tables.md, "Runs").
+Training alone: grpo 6.5-6.7 s a step (about 6.5 min a run), grpo_lr3x 5-6.5 s, grpo_epochs3
+9-12 s, sfpo3 10.5-13 s, gxpo5 9.4-11 s (and ~5 min of surrogate checks, off the clock),
+gxpo5_authors 14-15 s; with the 13 evaluations and loading, 12-25 min a run, about 5 hours for
+the study.
 
 Methods (`gxpo.experiments.compare.method_config`): grpo (lr 2e-4), grpo_lr3x (6e-4),
 grpo_epochs3 (three passes over each rollout batch: GXPO's three backward passes per step),

@@ -492,8 +492,9 @@ def analyze(out: str | Path, methods: Sequence[str] | None = None) -> str:
     - Peak accuracy, and the steps, backward passes and wall-clock seconds each method needs to
       reach GRPO's peak (the paper's Table 2); final avg pass@1 per benchmark (Table 1).
     - Accuracy at matched backward-pass and wall-clock budgets (Tables 3 / 4).
-    - Paired per-seed differences against `grpo` and against `grpo_lr3x` (when run), with 95%
-      bootstrap intervals, at the final evaluation and at matched budgets.
+    - Paired per-seed differences against `grpo`, `grpo_lr3x` and `grpo_epochs3` (each when run:
+      the config's step, a bigger step, the same backward passes as GXPO), with 95% bootstrap
+      intervals, at the final evaluation and at matched budgets.
     - The gate's shutoff step per seed, and the diagnostics over GXPO's (SFPO's) active phase
       and after shutoff (Table 7); clip fraction and KL to the reference (Table 8).
     - The surrogate check (Table 6), when the runs logged it.
@@ -517,7 +518,7 @@ def analyze(out: str | Path, methods: Sequence[str] | None = None) -> str:
         ("Accuracy at matched wall-clock budgets (cf. Table 4)",
          _budget_table(methods, curves, means, "wall_seconds", "seconds")),
     ]  # fmt: skip
-    for reference in ("grpo", "grpo_lr3x"):
+    for reference in ("grpo", "grpo_lr3x", "grpo_epochs3"):
         if reference in methods:
             sections.append(
                 (
