@@ -26,7 +26,7 @@ held-out problems x 4 samples, seed 0 (`python -m gxpo.evaluate --config=configs
 with pass@4 at 53% (the model can answer about half of them: room to learn) and 300 distinct
 problems: 100 held out, training draws the other 200 (+ and - alone leave only 100 to train on).
 With this config's shorter system prompt the base model scores 16.8% avg pass@1 (the study's
-step-0 evaluation, 16.7-16.9% over its three seeds).
+step-0 evaluation, 16.75-17.0% over its three seeds).
 
 Sizing: 60 steps; the gate's warm-up 10 with a window of 20 lets it fire from step 31 on, so a
 run can have both phases (the authors' variant keeps its own gate: 50 + 30 updates, 4 a step);
