@@ -136,6 +136,7 @@ def main() -> None:
         f"{'GXPO update s':>13} {'GXPO/GRPO':>9} {'GRPO s per 1k tokens':>20}"
     )
     lines, table = [head, "-" * len(head)], {}
+    print("\n".join(lines), flush=True)  # the rows follow as they are measured
     for rows in row_counts:
         for A in lengths:
             rate = sampler_tokens_per_second(weights, model_config, rows, A, args.repeats)
