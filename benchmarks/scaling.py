@@ -135,8 +135,8 @@ def main() -> None:
         f"{'rows':>4} {'new tokens':>10} {'sampler tok/s':>13} {'GRPO update s':>13} "
         f"{'GXPO update s':>13} {'GXPO/GRPO':>9} {'GRPO s per 1k tokens':>20}"
     )
-    lines, table = [head, "-" * len(head)], {}
-    print("\n".join(lines), flush=True)  # the rows follow as they are measured
+    print(head, "-" * len(head), sep="\n", flush=True)  # each row follows as it is measured
+    table = {}
     for rows in row_counts:
         for A in lengths:
             rate = sampler_tokens_per_second(weights, model_config, rows, A, args.repeats)
@@ -146,12 +146,11 @@ def main() -> None:
             del batch, job
             table[rows, A] = rate, grpo_s, gxpo_s
             per_k = grpo_s / (rows * (PROMPT_TOKENS + A) / 1000)
-            lines.append(
+            print(
                 f"{rows:>4} {A:>10} {rate:>13.1f} {grpo_s:>13.2f} {gxpo_s:>13.2f} "
-                f"{gxpo_s / grpo_s:>9.2f} {per_k:>20.3f}"
+                f"{gxpo_s / grpo_s:>9.2f} {per_k:>20.3f}",
+                flush=True,
             )
-            print(lines[-1], flush=True)
-    print("\n".join(lines))
     small, large = (min(row_counts), min(lengths)), (max(row_counts), max(lengths))
     work = (large[0] * (PROMPT_TOKENS + large[1])) / (small[0] * (PROMPT_TOKENS + small[1]))
     print(
